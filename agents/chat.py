@@ -1,0 +1,60 @@
+"""Chat rendering and token-exact appends.
+
+The learner must train on exactly the ids the engine sampled, so history is never re-rendered to
+build training data. A conversation's token ids grow by appends only:
+
+    prompt  = render(messages, add_generation_prompt) + prefill
+    turn k  = sampled ids (loss_mask 1) + delta(next message) (loss_mask 0)
+
+`delta` is the template's text between the end of an assistant reply and the next generation
+prompt, tokenized on its own. It starts with a special token (or the closing one we add), so
+tokenizing it separately cannot merge with the sampled ids.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_PLACEHOLDER = "\x00ENTRORL_REPLY\x00"
+
+
+def _ids(encoded: Any) -> list[int]:
+    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True)
+    if hasattr(encoded, "keys"):
+        encoded = encoded["input_ids"]
+    return list(encoded)
+
+
+def render_prompt(tokenizer: Any, messages: list[dict], prefill: str = "") -> list[int]:
+    """Token ids of `messages` followed by the generation prompt and an optional assistant prefill."""
+    ids = _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    return ids + encode(tokenizer, prefill)
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def eos_text(tokenizer: Any) -> str:
+    return tokenizer.eos_token or ""
+
+
+def delta_ids(
+    tokenizer: Any, history: list[dict], message: dict, reply_ended: bool, prefill: str = ""
+) -> list[int]:
+    """Ids to append after an assistant reply so that `message` follows and the next reply starts.
+
+    `history` is the conversation up to (not including) the assistant reply; only its role
+    structure matters. `reply_ended` says whether the sampled reply already ends with the
+    end-of-turn token; if not (cut by a token budget), the delta closes the turn itself.
+    """
+    rendered = tokenizer.apply_chat_template(
+        [*history, {"role": "assistant", "content": _PLACEHOLDER}, message],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    suffix = rendered.split(_PLACEHOLDER, 1)[1]
+    end = eos_text(tokenizer)
+    if reply_ended and end and suffix.startswith(end):
+        suffix = suffix[len(end) :]
+    return encode(tokenizer, suffix) + encode(tokenizer, prefill)

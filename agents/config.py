@@ -1,0 +1,25 @@
+"""Rollout-side config dataclasses (stdlib only; the trainer's root config composes them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = full vocabulary (the learner's logprobs assume the same distribution)
+
+
+@dataclass
+class RolloutConfig:
+    mode: str = "step"  # "step": one sample per turn (verl-agent); "trajectory": one per episode
+    format: str = "numbered"  # agent format in agents/prompts.py: numbered | action_tag
+    max_turns: int = 4
+    max_new_tokens: int = 8  # per reply
+    max_episode_tokens: int = 1024  # generated tokens per episode
+    max_context: int = 2048  # prompt + reply must fit; else the episode stops (context_overflow)
+    history_window: int = 0  # step mode: past (observation, action) pairs shown in the prompt
+    parse_error_limit: int = 0  # consecutive unparsable replies that end an episode; 0 = never
+    rewards: dict[str, float] = field(default_factory=lambda: {"success": 1.0})  # name -> weight

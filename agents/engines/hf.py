@@ -1,0 +1,153 @@
+"""HF transformers engine: batched sampling with a KV cache over all active episodes.
+
+One `generate` call left-pads every prompt into one batch, prefills once, then decodes token by
+token. We sample ourselves (instead of `model.generate`) so that the logprob and the exact entropy
+of the distribution each token was drawn from come out of the same softmax that drew it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from agents.engines.base import SamplingParams
+from agents.types import GenerationResult
+
+
+class HFEngine:
+    def __init__(self, model: Any, tokenizer: Any, device: str = "cpu"):
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.device = device
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str = "cpu", dtype: str = "float32") -> "HFEngine":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        return cls(model, tokenizer, device)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                if name not in params:
+                    raise KeyError(f"load_weights: engine model has no parameter {name!r}")
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[GenerationResult]:
+        if not prompts:
+            return []
+        generator = _generator(sampling.seed, self.device)
+        input_ids, attention_mask = _left_pad(prompts, self.pad_id, self.device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        batch = len(prompts)
+        out_ids: list[list[int]] = [[] for _ in range(batch)]
+        out_logprobs: list[list[float]] = [[] for _ in range(batch)]
+        out_entropies: list[list[float]] = [[] for _ in range(batch)]
+        finish = ["length"] * batch
+        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        past = None
+        for _ in range(sampling.max_new_tokens):
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            past = outputs.past_key_values
+            tokens, logprobs, entropies = _sample(outputs.logits[:, -1, :].float(), sampling, generator)
+            for i in (~done).nonzero().flatten().tolist():
+                out_ids[i].append(int(tokens[i]))
+                out_logprobs[i].append(float(logprobs[i]))
+                out_entropies[i].append(float(entropies[i]))
+                if int(tokens[i]) in self.eos_ids or self._hit_stop(out_ids[i], sampling.stop):
+                    finish[i] = "stop"
+                    done[i] = True
+            if bool(done.all()):
+                break
+            # Finished rows keep decoding a pad token (cheaper than reshaping the KV cache).
+            input_ids = torch.where(done, torch.full_like(tokens, self.pad_id), tokens).unsqueeze(-1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(input_ids)], dim=-1)
+            position_ids = position_ids[:, -1:] + 1
+        return [
+            GenerationResult(out_ids[i], out_logprobs[i], out_entropies[i], finish[i]) for i in range(batch)
+        ]
+
+    def _hit_stop(self, ids: list[int], stops: list[str]) -> bool:
+        if not stops:
+            return False
+        tail = self.tokenizer.decode(ids[-8:], skip_special_tokens=False)
+        return any(tail.endswith(s) or s in tail for s in stops)
+
+
+def _sample(
+    logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw one token per row; return (token, its logprob, entropy) of the distribution drawn from.
+
+    Greedy (temperature 0) reports the logprob and entropy of the untempered distribution.
+    """
+    temperature = sampling.temperature if sampling.temperature > 0 else 1.0
+    logits = _filter(logits / temperature, sampling.top_k, sampling.top_p)
+    logp = torch.log_softmax(logits, dim=-1)
+    probs = logp.exp()
+    entropy = -(probs * logp.masked_fill(probs == 0, 0.0)).sum(-1)
+    if sampling.temperature > 0:
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    else:
+        tokens = logits.argmax(-1)
+    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), entropy
+
+
+def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token once the mass before it already reaches top_p (the top token always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        if prompt:
+            ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            mask[i, width - len(prompt) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos:
+            ids.update(eos)
+    if not ids:
+        raise ValueError("HFEngine: neither the model's generation_config nor the tokenizer names an EOS token")
+    return ids
+
+
+def _generator(seed: int | None, device: str) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator

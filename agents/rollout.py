@@ -1,0 +1,273 @@
+"""The one multi-turn rollout loop: engine <-> env, for every env and both sample modes.
+
+Each round gathers every active episode into ONE engine call, parses each reply into an action,
+steps that episode's env, and decides whether it goes on. Errors stay inside their episode: an
+env that raises ends only that episode (`env_error`), an unparsable reply becomes the format's
+fallback action and is counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import environments
+from agents.chat import delta_ids, render_prompt
+from agents.config import RolloutConfig, SamplingConfig
+from agents.engines.base import InferenceEngine, SamplingParams
+from agents.prompts import Observation, build_format
+from agents.rewards import compose
+from agents.types import GenerationResult, Trajectory
+
+
+@dataclass
+class Task:
+    """One episode to play: which env, how to build and reset it, and its group."""
+
+    env_id: str
+    group_id: int
+    env_kwargs: dict = field(default_factory=dict)
+    reset_options: dict = field(default_factory=dict)
+    seed: int | None = None
+
+
+@dataclass
+class _Turn:
+    prompt_ids: list[int]
+    result: GenerationResult
+    action: str
+    parse_error: str | None
+
+
+@dataclass
+class _Episode:
+    task: Task
+    traj_id: int
+    env: Any = None
+    obs: Observation | None = None
+    history: list[tuple[str, str]] = field(default_factory=list)  # (observation, action) pairs
+    messages: list[dict] = field(default_factory=list)  # trajectory mode: the rendered roles
+    context_ids: list[int] = field(default_factory=list)  # trajectory mode: all ids so far
+    prompt_ids: list[int] = field(default_factory=list)  # trajectory mode: the first prompt
+    deltas: list[list[int]] = field(default_factory=list)  # trajectory mode: ids after each reply
+    turns: list[_Turn] = field(default_factory=list)
+    won: bool = False
+    score: float = 0.0
+    parse_errors: int = 0
+    parse_error_streak: int = 0
+    stop_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class RolloutResult:
+    samples: list[Trajectory]
+    metrics: dict[str, float]
+
+
+class Rollout:
+    def __init__(self, engine: InferenceEngine, tokenizer: Any, cfg: RolloutConfig):
+        if cfg.mode not in ("step", "trajectory"):
+            raise ValueError(f"rollout.mode={cfg.mode!r}; expected 'step' or 'trajectory'")
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.format = build_format(cfg.format)
+        self.reward_fn = compose(cfg.rewards)
+
+    def run(self, tasks: list[Task], sampling: SamplingConfig, seed: int | None = None) -> RolloutResult:
+        timings = Counter()
+        params = SamplingParams(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_new_tokens=self.cfg.max_new_tokens,
+            stop=list(self.format.stop),
+            seed=seed,
+        )
+        started = time.perf_counter()
+        episodes = [self._start(task, i) for i, task in enumerate(tasks)]
+        timings["env"] += time.perf_counter() - started
+        while active := [ep for ep in episodes if ep.stop_reason is None]:
+            prompts = [self._next_prompt(ep) for ep in active]
+            ready = [(ep, p) for ep, p in zip(active, prompts) if ep.stop_reason is None]
+            if not ready:
+                continue
+            t0 = time.perf_counter()
+            results = self.engine.generate([p for _, p in ready], params)
+            t1 = time.perf_counter()
+            for (ep, prompt), result in zip(ready, results):
+                self._advance(ep, prompt, result)
+            timings["generate"] += t1 - t0
+            timings["env"] += time.perf_counter() - t1
+        for ep in episodes:
+            if ep.env is not None:
+                ep.env.close()
+        samples = [s for ep in episodes for s in self._samples(ep)]
+        return RolloutResult(samples, self._metrics(episodes, timings))
+
+    # -- one episode ------------------------------------------------------------------------------
+
+    def _start(self, task: Task, traj_id: int) -> _Episode:
+        ep = _Episode(task=task, traj_id=traj_id)
+        try:
+            ep.env = environments.make(task.env_id, **task.env_kwargs)
+            text, info = ep.env.reset(seed=task.seed, options=task.reset_options or None)
+            ep.obs = _observation(ep.env, text, info)
+        except Exception as exc:  # noqa: BLE001 - a broken env ends its own episode only
+            ep.stop_reason, ep.error = "env_error", f"{type(exc).__name__}: {exc}"
+        return ep
+
+    def _next_prompt(self, ep: _Episode) -> list[int]:
+        if self.cfg.mode == "step":
+            window = ep.history[-self.cfg.history_window :] if self.cfg.history_window else []
+            prompt = render_prompt(self.tokenizer, self.format.messages(ep.obs, window), self.format.prefill)
+        elif not ep.turns:
+            ep.messages = self.format.messages(ep.obs)
+            prompt = ep.prompt_ids = ep.context_ids = render_prompt(self.tokenizer, ep.messages, self.format.prefill)
+        else:
+            prompt = ep.context_ids
+        if len(prompt) + self.cfg.max_new_tokens > self.cfg.max_context:
+            ep.stop_reason = "context_overflow"
+        return prompt
+
+    def _advance(self, ep: _Episode, prompt: list[int], result: GenerationResult) -> None:
+        reply = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        parsed = self.format.parse(reply, ep.obs)
+        ep.turns.append(_Turn(list(prompt), result, parsed.action, parsed.error))
+        ep.parse_errors += parsed.error is not None
+        ep.parse_error_streak = ep.parse_error_streak + 1 if parsed.error else 0
+        try:
+            text, reward, terminated, truncated, info = ep.env.step(parsed.action)
+        except Exception as exc:  # noqa: BLE001
+            ep.stop_reason, ep.error = "env_error", f"{type(exc).__name__}: {exc}"
+            return
+        ep.score += float(reward)
+        ep.won = ep.won or bool(info.get("won", False))
+        ep.history.append((ep.obs.text, parsed.action))
+        ep.obs = _observation(ep.env, text, info)
+        ep.stop_reason = self._stop_reason(ep, terminated, truncated)
+        if self.cfg.mode == "trajectory" and ep.stop_reason is None:
+            self._append_observation(ep, result)
+
+    def _append_observation(self, ep: _Episode, result: GenerationResult) -> None:
+        """Token-exact: sampled ids go in as they are; only the env's message is tokenized."""
+        reply_ended = result.finish_reason == "stop" and _ends_turn(self.tokenizer, result.token_ids)
+        message = self.format.followup(ep.obs)
+        delta = delta_ids(self.tokenizer, ep.messages, message, reply_ended, self.format.prefill)
+        ep.messages = [*ep.messages, {"role": "assistant", "content": ""}, message]
+        ep.deltas.append(delta)
+        ep.context_ids = ep.context_ids + result.token_ids + delta
+
+    def _stop_reason(self, ep: _Episode, terminated: bool, truncated: bool) -> str | None:
+        cfg = self.cfg
+        if terminated:
+            return "terminated"
+        if truncated:
+            return "truncated"
+        if len(ep.turns) >= cfg.max_turns:
+            return "max_turns"
+        if sum(len(t.result.token_ids) for t in ep.turns) >= cfg.max_episode_tokens:
+            return "max_tokens"
+        if cfg.parse_error_limit and ep.parse_error_streak >= cfg.parse_error_limit:
+            return "parse_error_limit"
+        return None
+
+    # -- records ----------------------------------------------------------------------------------
+
+    def _summary(self, ep: _Episode) -> dict:
+        return {
+            "won": ep.won,
+            "score": ep.score,
+            "turns": len(ep.turns),
+            "parse_errors": ep.parse_errors,
+            "generated_tokens": sum(len(t.result.token_ids) for t in ep.turns),
+            "stop_reason": ep.stop_reason,
+            "env_id": ep.task.env_id,
+            "task": dict(ep.task.reset_options),
+            "actions": [t.action for t in ep.turns],
+            "error": ep.error,
+        }
+
+    def _samples(self, ep: _Episode) -> list[Trajectory]:
+        if not ep.turns:
+            return []  # nothing was sampled (env failed at reset): nothing to train on
+        summary = self._summary(ep)
+        reward = self.reward_fn(summary)
+        common = dict(reward=reward, group_id=ep.task.group_id, traj_id=ep.traj_id, stop_reason=ep.stop_reason)
+        if self.cfg.mode == "step":
+            return [
+                Trajectory(
+                    prompt_ids=t.prompt_ids,
+                    response_ids=list(t.result.token_ids),
+                    loss_mask=[1] * len(t.result.token_ids),
+                    rollout_logprobs=list(t.result.logprobs),
+                    entropies=list(t.result.entropies),
+                    turn_idx=k,
+                    turn_spans=[(0, len(t.result.token_ids))],
+                    info={**summary, "parse_error": t.parse_error} if k == 0 else {"parse_error": t.parse_error},
+                    **common,
+                )
+                for k, t in enumerate(ep.turns)
+            ]
+        return [self._trajectory_sample(ep, summary, common)]
+
+    def _trajectory_sample(self, ep: _Episode, summary: dict, common: dict) -> Trajectory:
+        ids, mask, logprobs, entropies, spans = [], [], [], [], []
+        for k, turn in enumerate(ep.turns):
+            n = len(turn.result.token_ids)
+            spans.append((len(ids), len(ids) + n))
+            ids += turn.result.token_ids
+            mask += [1] * n
+            logprobs += turn.result.logprobs
+            entropies += turn.result.entropies
+            if k < len(ep.deltas):
+                delta = ep.deltas[k]
+                ids += delta
+                mask += [0] * len(delta)
+                logprobs += [0.0] * len(delta)
+                entropies += [0.0] * len(delta)
+        return Trajectory(
+            prompt_ids=ep.prompt_ids,
+            response_ids=ids,
+            loss_mask=mask,
+            rollout_logprobs=logprobs,
+            entropies=entropies,
+            turn_spans=spans,
+            info=summary,
+            **common,
+        )
+
+    def _metrics(self, episodes: list[_Episode], timings: Counter) -> dict[str, float]:
+        n = max(len(episodes), 1)
+        turns = [t for ep in episodes for t in ep.turns]
+        tokens = sum(len(t.result.token_ids) for t in turns)
+        entropy_sum = sum(sum(t.result.entropies) for t in turns)
+        metrics = {
+            "rollout/episodes": float(len(episodes)),
+            "rollout/success": sum(ep.won for ep in episodes) / n,
+            "rollout/turns": len(turns) / n,
+            "rollout/invalid_rate": sum(t.parse_error is not None for t in turns) / max(len(turns), 1),
+            "rollout/gen_tokens": float(tokens),
+            "entropy/rollout_mean": entropy_sum / max(tokens, 1),
+            "time/generate": timings["generate"],
+            "time/env": timings["env"],
+        }
+        for reason, count in Counter(ep.stop_reason for ep in episodes).items():
+            metrics[f"rollout/stop/{reason}"] = count / n
+        for k in range(max((len(ep.turns) for ep in episodes), default=0)):
+            kth = [ep.turns[k].result.entropies for ep in episodes if len(ep.turns) > k]
+            flat = [h for hs in kth for h in hs]
+            metrics[f"entropy/turn_{k}"] = sum(flat) / max(len(flat), 1)
+        return metrics
+
+
+def _observation(env: Any, text: str, info: dict) -> Observation:
+    task = info.get("objective") or getattr(env, "task", "") or ""
+    return Observation(task=task, text=text, choices=info.get("admissible_commands"))
+
+
+def _ends_turn(tokenizer: Any, token_ids: list[int]) -> bool:
+    return bool(token_ids) and token_ids[-1] == tokenizer.eos_token_id

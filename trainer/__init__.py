@@ -1,0 +1,1 @@
+"""Trajectories -> gradient steps. Only `trainer/learner/` imports deepspeed."""

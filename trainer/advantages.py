@@ -1,0 +1,377 @@
+"""Advantage estimators: one typed input, one typed output, selected by name from `ADVANTAGES`.
+
+Every estimator takes `AdvantageInputs` (a batch of samples, one row per sample) and its own
+params dataclass, and returns `AdvantageOutput` with `advantages[B, T]` that are exactly zero
+wherever `loss_mask == 0` (env/tool/padding tokens never carry an advantage).
+
+Samples, groups and trajectories: `group_ids` ties samples of the same task and initial state;
+`traj_ids` ties the samples of one episode (several of them in step-wise mode, one per turn).
+The math and the reference behaviour of each estimator are in research/algorithms.md §6.
+
+This module knows nothing about models, configs or distribution: statistics are over the batch
+it is given, so the caller passes whole groups (DESIGN: groups stay whole on one rank).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from trainer.registry import Registry
+
+ADVANTAGES = Registry("advantage estimator")
+
+
+@dataclass
+class AdvantageInputs:
+    """The batch view every estimator reads. Shapes: B samples, T tokens per sample.
+
+    rewards:       [B] float, the sequence reward of each sample (in step-wise mode: the
+                   episode return, repeated on every turn-sample of the episode).
+    group_ids:     [B] long, samples of the same task/initial state share a group.
+    traj_ids:      [B] long, samples of the same episode share a trajectory.
+    loss_mask:     [B, T] {0,1}, 1 exactly on tokens the policy sampled.
+    values:        [B, T] critic values (GAE).
+    token_rewards: [B, T] per-token rewards (REINFORCE++, GAE); default: `rewards` placed on
+                   the last sampled token of each row.
+    entropies:     [B, T] per-token entropies (for entropy-aware estimators and metrics).
+    turn_idx:      [B] long, which turn of its episode a step-wise sample is (GiGPO).
+    step_rewards:  [B] float, the env reward received after this turn (GiGPO step returns).
+    anchor_keys:   B hashables, the anchor state of each turn-sample, e.g. a hash of the raw
+                   observation without history (GiGPO groups equal keys within a group).
+    """
+
+    rewards: Tensor
+    group_ids: Tensor
+    traj_ids: Tensor
+    loss_mask: Tensor
+    values: Tensor | None = None
+    token_rewards: Tensor | None = None
+    entropies: Tensor | None = None
+    turn_idx: Tensor | None = None
+    step_rewards: Tensor | None = None
+    anchor_keys: Sequence[Hashable] | None = None
+
+    def __post_init__(self) -> None:
+        batch = self.loss_mask.shape[0]
+        if self.loss_mask.dim() != 2:
+            raise ValueError(f"loss_mask must be [B, T], got shape {tuple(self.loss_mask.shape)}")
+        for name in ("rewards", "group_ids", "traj_ids", "turn_idx", "step_rewards"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != (batch,):
+                raise ValueError(f"{name} must be [B]=[{batch}], got shape {tuple(value.shape)}")
+        for name in ("values", "token_rewards", "entropies"):
+            value = getattr(self, name)
+            if value is not None and value.shape != self.loss_mask.shape:
+                raise ValueError(
+                    f"{name} must match loss_mask [B, T]={tuple(self.loss_mask.shape)}, "
+                    f"got {tuple(value.shape)}"
+                )
+        if self.anchor_keys is not None and len(self.anchor_keys) != batch:
+            raise ValueError(f"anchor_keys must have B={batch} entries, got {len(self.anchor_keys)}")
+
+
+@dataclass
+class AdvantageOutput:
+    advantages: Tensor  # [B, T], zero where loss_mask == 0
+    returns: Tensor | None = None  # [B, T] critic targets where an estimator defines them
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Group statistics
+
+
+def _segment_stats(values: Tensor, segment: Tensor, num_segments: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-segment (count, mean, unbiased std) of 1-D `values`; std is nan for count < 2."""
+    values = values.double()
+    count = torch.zeros(num_segments, dtype=torch.float64, device=values.device)
+    count.index_add_(0, segment, torch.ones_like(values))
+    total = torch.zeros_like(count).index_add_(0, segment, values)
+    mean = total / count.clamp_min(1)
+    sq = torch.zeros_like(count).index_add_(0, segment, (values - mean[segment]) ** 2)
+    std = (sq / (count - 1)).sqrt()  # inf/nan for count < 2; callers handle singletons
+    return count, mean, std
+
+
+def _group_baseline(
+    rewards: Tensor, group_ids: Tensor, traj_ids: Tensor, count: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample (n, mean, unbiased std) of the sample's group, as GRPO/RLOO need them.
+
+    count="sample": every sample is one unit (verl-agent default: a long episode's many
+    turn-samples weigh more). count="trajectory": each episode counts once, with the mean
+    reward of its samples (equal to the episode return when its samples share it).
+    """
+    _, group_of_sample = torch.unique(group_ids, return_inverse=True)
+    num_groups = int(group_of_sample.max()) + 1 if group_ids.numel() else 0
+    if count == "sample":
+        n, mean, std = _segment_stats(rewards, group_of_sample, num_groups)
+    elif count == "trajectory":
+        _, traj_of_sample = torch.unique(traj_ids, return_inverse=True)
+        num_trajs = int(traj_of_sample.max()) + 1
+        _, traj_reward, _ = _segment_stats(rewards, traj_of_sample, num_trajs)
+        group_of_traj = torch.zeros(num_trajs, dtype=torch.long, device=rewards.device)
+        group_of_traj.scatter_(0, traj_of_sample, group_of_sample)
+        if not torch.equal(group_of_traj[traj_of_sample], group_of_sample):
+            raise ValueError("count='trajectory' needs every trajectory inside a single group")
+        n, mean, std = _segment_stats(traj_reward, group_of_traj, num_groups)
+    else:
+        raise ValueError(f"count must be 'sample' or 'trajectory', got {count!r}")
+    return n[group_of_sample], mean[group_of_sample], std[group_of_sample]
+
+
+def _broadcast(per_sample: Tensor, loss_mask: Tensor) -> Tensor:
+    """[B] -> [B, T] float32, zero where loss_mask == 0."""
+    return per_sample.float()[:, None] * (loss_mask > 0).float()
+
+
+def _masked_whiten(values: Tensor, loss_mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / sqrt(var + eps) over valid tokens, unbiased var (verl masked_whiten)."""
+    mask = loss_mask.to(values.dtype)
+    n = mask.sum()
+    mean = (values * mask).sum() / n.clamp_min(1)
+    var = (((values - mean) ** 2) * mask).sum() / (n - 1).clamp_min(1)
+    return (values - mean) * torch.rsqrt(var + eps) * mask
+
+
+def _adv_metrics(advantages: Tensor, loss_mask: Tensor) -> dict[str, float]:
+    valid = advantages[loss_mask > 0]
+    if valid.numel() == 0:
+        return {"adv/mean": 0.0, "adv/std": 0.0, "adv/max": 0.0, "adv/min": 0.0}
+    return {
+        "adv/mean": valid.mean().item(),
+        "adv/std": valid.std().item() if valid.numel() > 1 else 0.0,
+        "adv/max": valid.max().item(),
+        "adv/min": valid.min().item(),
+    }
+
+
+def _rewards_on_sampled_tokens(inputs: AdvantageInputs) -> Tensor:
+    """[B, T] float32 token rewards, zero wherever loss_mask == 0.
+
+    Without `token_rewards`, the sequence reward goes on the last sampled token of each row.
+    Rewards given at masked positions are ignored (masking invariance): put an env reward on
+    the last sampled token of the turn that earned it.
+    """
+    valid = inputs.loss_mask > 0
+    if inputs.token_rewards is not None:
+        return torch.where(
+            valid, inputs.token_rewards.float(), torch.zeros_like(inputs.token_rewards.float())
+        )
+    B, T = valid.shape
+    positions = torch.arange(T, device=valid.device).expand(B, T)
+    last = torch.where(valid, positions, -1).amax(dim=1)
+    out = torch.zeros(B, T, dtype=torch.float32, device=valid.device)
+    rows = torch.nonzero(last >= 0).squeeze(1)
+    out[rows, last[rows]] = inputs.rewards[rows].float()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# GRPO / Dr.GRPO / RLOO
+
+
+@dataclass(frozen=True)
+class GRPOParams:
+    norm_by_std: bool = True  # False = Dr.GRPO (algorithms.md §6.2)
+    eps: float = 1e-6
+    count: Literal["sample", "trajectory"] = "sample"
+
+
+@ADVANTAGES.register("grpo", params=GRPOParams)
+def grpo(inputs: AdvantageInputs, params: GRPOParams) -> AdvantageOutput:
+    """GRPO outcome advantage, algorithms.md §6.1 (Dr.GRPO §6.2 with `norm_by_std=False`).
+
+    A_i = (R_i - mean_g) / (std_g + eps), unbiased std over the group, broadcast to the sampled
+    tokens of sample i. A group of one unit has mean 0 and std 1, so A_i = R_i exactly (verl
+    gives R_i / (1 + eps)). `count` decides what a unit of the group is, see `_group_baseline`.
+    """
+    n, mean, std = _group_baseline(inputs.rewards, inputs.group_ids, inputs.traj_ids, params.count)
+    single = n < 2
+    mean = torch.where(single, torch.zeros_like(mean), mean)
+    if params.norm_by_std:
+        denom = torch.where(single, torch.ones_like(std), std + params.eps)
+    else:
+        denom = torch.ones_like(std)
+    per_sample = (inputs.rewards.double() - mean) / denom
+    advantages = _broadcast(per_sample.float(), inputs.loss_mask)
+    metrics = _adv_metrics(advantages, inputs.loss_mask)
+    metrics["adv/singleton_frac"] = single.double().mean().item() if single.numel() else 0.0
+    metrics["adv/zero_std_frac"] = ((std == 0) & ~single).double().mean().item() if std.numel() else 0.0
+    return AdvantageOutput(advantages, None, metrics)
+
+
+@dataclass(frozen=True)
+class RLOOParams:
+    count: Literal["sample", "trajectory"] = "sample"
+
+
+@ADVANTAGES.register("rloo", params=RLOOParams)
+def rloo(inputs: AdvantageInputs, params: RLOOParams) -> AdvantageOutput:
+    """RLOO, algorithms.md §6.4: A_i = R_i - mean of the other n-1 units = n/(n-1) (R_i - mean_g).
+
+    A group of one has no "others": its advantage is 0 (reported as `adv/singleton_frac`).
+    """
+    n, mean, _ = _group_baseline(inputs.rewards, inputs.group_ids, inputs.traj_ids, params.count)
+    single = n < 2
+    scale = torch.where(single, torch.zeros_like(n), n / (n - 1).clamp_min(1))
+    per_sample = scale * (inputs.rewards.double() - mean)
+    advantages = _broadcast(per_sample.float(), inputs.loss_mask)
+    metrics = _adv_metrics(advantages, inputs.loss_mask)
+    metrics["adv/singleton_frac"] = single.double().mean().item() if single.numel() else 0.0
+    return AdvantageOutput(advantages, None, metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# REINFORCE++ and REINFORCE++-baseline
+
+
+@dataclass(frozen=True)
+class ReinforcePPParams:
+    gamma: float = 1.0
+
+
+@ADVANTAGES.register("reinforce_plus_plus", params=ReinforcePPParams)
+def reinforce_plus_plus(inputs: AdvantageInputs, params: ReinforcePPParams) -> AdvantageOutput:
+    """REINFORCE++, algorithms.md §6.5: discounted token returns, then global whitening.
+
+    G_t = r_t + gamma G_{next sampled token} along each row (masked env/tool tokens are skipped
+    and their rewards ignored). A = whiten(G) over all valid
+    tokens of the batch (unbiased variance). `returns` = G. A per-token KL penalty goes into
+    `token_rewards` beforehand if wanted (kl-in-reward).
+    """
+    rewards = _rewards_on_sampled_tokens(inputs)
+    valid = inputs.loss_mask > 0
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        running = torch.where(valid[:, t], rewards[:, t] + params.gamma * running, running)
+        returns[:, t] = torch.where(valid[:, t], running, torch.zeros_like(running))
+    advantages = _masked_whiten(returns, inputs.loss_mask)
+    return AdvantageOutput(advantages, returns, _adv_metrics(advantages, inputs.loss_mask))
+
+
+@ADVANTAGES.register("reinforce_plus_plus_baseline", params=RLOOParams)
+def reinforce_plus_plus_baseline(inputs: AdvantageInputs, params: RLOOParams) -> AdvantageOutput:
+    """REINFORCE++-baseline, algorithms.md §6.5: A_i = R_i - mean_g, broadcast, global whitening.
+
+    Whitening is over all valid tokens of the batch (token-weighted, unbiased variance).
+    A group of one has mean 0 (as GRPO), so its sample keeps R before whitening.
+    """
+    n, mean, _ = _group_baseline(inputs.rewards, inputs.group_ids, inputs.traj_ids, params.count)
+    mean = torch.where(n < 2, torch.zeros_like(mean), mean)
+    centred = _broadcast((inputs.rewards.double() - mean).float(), inputs.loss_mask)
+    advantages = _masked_whiten(centred, inputs.loss_mask)
+    return AdvantageOutput(advantages, None, _adv_metrics(advantages, inputs.loss_mask))
+
+
+# --------------------------------------------------------------------------------------------
+# GAE (PPO with a critic)
+
+
+@dataclass(frozen=True)
+class GAEParams:
+    gamma: float = 1.0
+    lam: float = 1.0
+    whiten: bool = True
+
+
+@ADVANTAGES.register("gae", params=GAEParams, needs={"values"})
+def gae(inputs: AdvantageInputs, params: GAEParams) -> AdvantageOutput:
+    """GAE, algorithms.md §6.6, over the sampled tokens of each row (env/tool tokens skipped).
+
+    delta_t = r_t + gamma V_{t'} - V_t with t' the next sampled token (V = 0 after the last);
+    A_t = delta_t + gamma lam A_{t'}. returns = A + V (critic targets, before whitening);
+    then A is whitened over the batch's valid tokens if `whiten`.
+    """
+    if inputs.values is None:
+        raise ValueError("gae needs AdvantageInputs.values (critic values [B, T])")
+    rewards = _rewards_on_sampled_tokens(inputs)
+    values = inputs.values.float()
+    valid = inputs.loss_mask > 0
+    raw = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_adv = torch.zeros_like(next_value)
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        delta = rewards[:, t] + params.gamma * next_value - values[:, t]
+        adv_t = delta + params.gamma * params.lam * next_adv
+        next_value = torch.where(valid[:, t], values[:, t], next_value)
+        next_adv = torch.where(valid[:, t], adv_t, next_adv)
+        raw[:, t] = torch.where(valid[:, t], adv_t, torch.zeros_like(adv_t))
+    returns = torch.where(valid, raw + values, torch.zeros_like(raw))
+    advantages = _masked_whiten(raw, inputs.loss_mask) if params.whiten else raw
+    return AdvantageOutput(advantages, returns, _adv_metrics(advantages, inputs.loss_mask))
+
+
+# --------------------------------------------------------------------------------------------
+# GiGPO (step-wise samples with anchor states)
+
+
+@dataclass(frozen=True)
+class GiGPOParams:
+    step_weight: float = 1.0  # omega
+    gamma: float = 0.95  # discount of the step returns
+    mode: Literal["mean_norm", "mean_std_norm"] = "mean_norm"
+    eps: float = 1e-6
+    count: Literal["sample", "trajectory"] = "sample"  # episode-level unit, as in grpo
+
+
+def _step_returns(inputs: AdvantageInputs, gamma: float) -> Tensor:
+    """R_{i,t} = sum_{k >= t} gamma^(k - t) r_{i,k} along each episode's turns (by turn_idx)."""
+    turns = inputs.turn_idx.tolist()
+    rewards = inputs.step_rewards.double().tolist()
+    by_traj: dict[int, list[int]] = defaultdict(list)
+    for i, traj in enumerate(inputs.traj_ids.tolist()):
+        by_traj[traj].append(i)
+    returns = [0.0] * len(turns)
+    for traj, rows in by_traj.items():
+        rows.sort(key=lambda i: turns[i])
+        if len({turns[i] for i in rows}) != len(rows):
+            raise ValueError(f"trajectory {traj} has two samples with the same turn_idx")
+        running = 0.0
+        for i in reversed(rows):
+            running = rewards[i] + gamma * running
+            returns[i] = running
+    return torch.tensor(returns, dtype=torch.float64, device=inputs.rewards.device)
+
+
+@ADVANTAGES.register("gigpo", params=GiGPOParams, needs={"turn_idx", "step_rewards", "anchor_keys"})
+def gigpo(inputs: AdvantageInputs, params: GiGPOParams) -> AdvantageOutput:
+    """GiGPO, algorithms.md §6.8: A = A^E + omega A^S, one sample per turn (step-wise mode).
+
+    A^E: GRPO-style over the group with F = 1 (mean_norm) or F = std + eps (mean_std_norm);
+    `rewards` must hold the episode return on every turn-sample. A^S: samples of the same group
+    whose `anchor_keys` are equal (same raw observation) form an anchor group;
+    A^S = (R_{i,t} - anchor mean) / F with R_{i,t} the discounted return of `step_rewards` from
+    this turn on. Singleton anchor groups get A^S = 0.
+    """
+    missing = [n for n in ("turn_idx", "step_rewards", "anchor_keys") if getattr(inputs, n) is None]
+    if missing:
+        raise ValueError(f"gigpo needs AdvantageInputs fields {missing} (step-wise samples)")
+    norm = params.mode == "mean_std_norm"
+    episode = grpo(inputs, GRPOParams(norm_by_std=norm, eps=params.eps, count=params.count))
+    step_return = _step_returns(inputs, params.gamma)
+    anchor_of: dict[tuple, int] = {}
+    keys = [
+        anchor_of.setdefault((g, k), len(anchor_of))
+        for g, k in zip(inputs.group_ids.tolist(), inputs.anchor_keys, strict=True)
+    ]
+    anchor = torch.tensor(keys, dtype=torch.long, device=step_return.device)
+    n, mean, std = _segment_stats(step_return, anchor, len(anchor_of))
+    n, mean, std = n[anchor], mean[anchor], std[anchor]
+    denom = std + params.eps if norm else torch.ones_like(std)
+    step_adv = torch.where(
+        n < 2, torch.zeros_like(mean), (step_return - mean) / torch.where(n < 2, 1.0, denom)
+    )
+    advantages = episode.advantages + params.step_weight * _broadcast(step_adv.float(), inputs.loss_mask)
+    metrics = _adv_metrics(advantages, inputs.loss_mask)
+    metrics["adv/episode_mean"] = episode.metrics["adv/mean"]
+    metrics["adv/step_abs_mean"] = step_adv.abs().mean().item() if step_adv.numel() else 0.0
+    metrics["adv/anchor_grouped_frac"] = (n >= 2).double().mean().item() if n.numel() else 0.0
+    return AdvantageOutput(advantages, None, metrics)

@@ -1,0 +1,154 @@
+"""State that spans RL steps: coefficients and reference values the regularisers read.
+
+A controller is updated once per RL step with that step's reduced metrics
+(`update(stats)`, after the optimizer step), hands its current values to the regulariser as
+plain floats (`loss_kwargs()`, called as `reg(inputs, **ctrl.loss_kwargs())`), and is
+checkpointed with the learner (`state_dict()` / `load_state_dict()`). Workers never own one.
+
+`make_controller(name, params, total_steps=...)` returns the controller a registered
+regulariser names in its `controller` flag (or None when the params need no state).
+
+This module knows nothing about tensors, models or distribution: stats arrive already reduced
+over the whole step (all micro-batches, all ranks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from trainer.losses import REGULARIZERS, AEntParams, EPOParams, KLParams
+
+
+class Controller(Protocol):
+    def update(self, stats: Mapping[str, float]) -> None: ...
+    def loss_kwargs(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+def _read(stats: Mapping[str, float], key: str, who: str) -> float:
+    if key not in stats:
+        raise KeyError(f"{who} needs metric {key!r} in update(stats); got keys {sorted(stats)}")
+    return float(stats[key])
+
+
+class AEntController:
+    """AEnt coefficient, algorithms.md §5. Reads "entropy/clamped_mean" (step mean of H~).
+
+    c_{k+1} = clip(c_k - eta (min(0, H - H_low) + max(0, H - H_high)), c_min, c_max), applied
+    only when `adaptive` and after `warmup_steps` updates: c rises below the band, falls above it.
+    """
+
+    stat_key = "entropy/clamped_mean"
+
+    def __init__(self, params: AEntParams) -> None:
+        self.params = params
+        self.coef = params.coef
+        self.step = 0
+
+    def update(self, stats: Mapping[str, float]) -> None:
+        entropy = _read(stats, self.stat_key, "AEntController")
+        self.step += 1
+        p = self.params
+        if not p.adaptive or self.step <= p.warmup_steps:
+            return
+        error = min(0.0, entropy - p.entropy_low) + max(0.0, entropy - p.entropy_high)
+        self.coef = min(max(self.coef - p.coef_lr * error, p.coef_min), p.coef_max)
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        return {"coef": self.coef}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"coef": self.coef, "step": self.step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.coef, self.step = float(state["coef"]), int(state["step"])
+
+
+class EPOController:
+    """EPO entropy history and phase weight, algorithms.md §1 (paper v2, cumulative history).
+
+    Reads "entropy/mean" (the step's mean token entropy). At step k the regulariser gets
+    Href = mean of the k previous steps' entropies (None at k = 0) and
+    beta_k = 1 + exp(-gamma k / floor(K/2)), K = total RL steps.
+    (The released code's per-turn-index history is not implemented.)
+    """
+
+    stat_key = "entropy/mean"
+
+    def __init__(self, params: EPOParams, total_steps: int) -> None:
+        if total_steps < 1:
+            raise ValueError(f"EPOController needs total_steps >= 1 (trainer steps), got {total_steps}")
+        self.params = params
+        self.total_steps = total_steps
+        self.history: list[float] = []
+
+    @property
+    def step(self) -> int:
+        return len(self.history)
+
+    @property
+    def entropy_ref(self) -> float | None:
+        return sum(self.history) / len(self.history) if self.history else None
+
+    @property
+    def beta(self) -> float:
+        k_mid = max(1, self.total_steps // 2)
+        return 1.0 + math.exp(-self.params.gamma * self.step / k_mid)
+
+    def update(self, stats: Mapping[str, float]) -> None:
+        self.history.append(_read(stats, self.stat_key, "EPOController"))
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        return {"entropy_ref": self.entropy_ref, "beta": self.beta}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.history = [float(h) for h in state["history"]]
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, as verl's AdaptiveKLController).
+
+    Reads "loss/kl_ref". err = clip(KL / target - 1, -0.2, 0.2); coef *= 1 + err * n / horizon,
+    with n = samples in the step (stats "batch/num_samples", default 1).
+    """
+
+    stat_key = "loss/kl_ref"
+
+    def __init__(self, params: KLParams) -> None:
+        if params.target is None or params.target <= 0:
+            raise ValueError(f"AdaptiveKLController needs KLParams.target > 0, got {params.target}")
+        self.params = params
+        self.coef = params.coef
+
+    def update(self, stats: Mapping[str, float]) -> None:
+        kl = _read(stats, self.stat_key, "AdaptiveKLController")
+        error = min(max(kl / self.params.target - 1, -0.2), 0.2)
+        n = float(stats.get("batch/num_samples", 1.0))
+        self.coef *= 1 + error * n / self.params.horizon
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        return {"coef": self.coef}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"coef": self.coef}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.coef = float(state["coef"])
+
+
+def make_controller(name: str, params: Any, *, total_steps: int) -> Controller | None:
+    """The controller of registered regulariser `name` with its validated params, or None."""
+    kind = REGULARIZERS.get(name).flags.get("controller")
+    if kind == "aent":
+        return AEntController(params)
+    if kind == "epo":
+        return EPOController(params, total_steps)
+    if kind == "adaptive_kl" and params.target is not None:
+        return AdaptiveKLController(params)
+    return None
