@@ -26,7 +26,8 @@ class Observation:
     choices: list[str] | None = None  # admissible commands, when the env exposes them
 
 
-_ACTION_TAG = re.compile(r"<action>(.*?)(?:</action>|$)", re.DOTALL)
+# `(?:<action>\s*)+`: a model that repeats the prefilled tag still has its action read
+_ACTION_TAG = re.compile(r"(?:<action>\s*)+(.*?)(?:</action>|$)", re.DOTALL)
 _FIRST_INT = re.compile(r"\d+")
 
 

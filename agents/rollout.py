@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import environments
@@ -90,13 +90,18 @@ class Rollout:
         started = time.perf_counter()
         episodes = [self._start(task, i) for i, task in enumerate(tasks)]
         timings["env"] += time.perf_counter() - started
+        rounds = 0
         while active := [ep for ep in episodes if ep.stop_reason is None]:
             prompts = [self._next_prompt(ep) for ep in active]
             ready = [(ep, p) for ep, p in zip(active, prompts) if ep.stop_reason is None]
             if not ready:
                 continue
             t0 = time.perf_counter()
-            results = self.engine.generate([p for _, p in ready], params)
+            # One seed per round: the same seed every round would replay the same random draws
+            # at every turn.
+            round_params = params if seed is None else replace(params, seed=seed * 1_000_003 + rounds)
+            rounds += 1
+            results = self.engine.generate([p for _, p in ready], round_params)
             t1 = time.perf_counter()
             for (ep, prompt), result in zip(ready, results):
                 self._advance(ep, prompt, result)
@@ -104,7 +109,10 @@ class Rollout:
             timings["env"] += time.perf_counter() - t1
         for ep in episodes:
             if ep.env is not None:
-                ep.env.close()
+                try:
+                    ep.env.close()
+                except Exception:  # noqa: BLE001 - a crashed env may fail to close; the batch is done
+                    pass
         samples = [s for ep in episodes for s in self._samples(ep)]
         return RolloutResult(samples, self._metrics(episodes, timings))
 

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from trainer.loop import Trainer
 
-    trainer = Trainer(cfg, run_name=Path(args.config).stem)
+    trainer = Trainer(cfg, run_name=Path(args.config).stem, with_learner=args.command == "train")
     if args.command == "train":
         summary = trainer.train()
     else:

@@ -69,7 +69,9 @@ class LearnerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     max_grad_norm: float = 1.0
     micro_batch_tokens: int = 2048  # tokens per micro-batch (packed or padded)
-    packing: bool = True  # one row of concatenated samples; False = padded rows (see batch.py)
+    packing: bool = False  # True: one row per micro-batch; False: one padded row per prompt group.
+    # On CPU (dense sdpa masks) padded rows are faster; packing pays off with varlen kernels.
+    share_prefix: bool = True  # run a prompt shared by several samples once (exact; batch.py)
     mini_batches: int = 1  # optimizer steps per RL step (PPO mini-batches)
     epochs: int = 1  # passes over the batch per RL step
     temperature: float = 1.0  # logits / T in the learner; must match rollout sampling

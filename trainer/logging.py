@@ -10,6 +10,8 @@ from pathlib import Path
 from rich.console import Console
 
 _CONSOLE_KEYS = [
+    ("eval/success", "eval success", "{:.2f}"),
+    ("eval/invalid_rate", "eval invalid", "{:.2f}"),
     ("rollout/success", "success", "{:.2f}"),
     ("rollout/invalid_rate", "invalid", "{:.2f}"),
     ("reward/mean", "reward", "{:.2f}"),

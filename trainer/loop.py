@@ -51,14 +51,17 @@ def compute_advantages(samples: list[Trajectory], cfg: Config) -> tuple[list[tor
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_name: str = "run"):
-        from trainer.learner.deepspeed import DeepSpeedLearner  # heavy: only when training
-
+    def __init__(self, cfg: Config, run_name: str = "run", with_learner: bool = True):
         self.cfg = cfg
         seed_everything(cfg.train.seed)
         model_path = resolve_model(cfg.model.name)
-        self.learner = DeepSpeedLearner(cfg, model_path)
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.learner = None
+        if with_learner:  # `entrorl eval` needs no optimizer, no DeepSpeed
+            from trainer.learner.deepspeed import DeepSpeedLearner
+
+            self.learner = DeepSpeedLearner(cfg, model_path)
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         seed_everything(cfg.train.seed + 1000 * self.rank)  # ranks sample different episodes
         self.engine = HFEngine.from_pretrained(model_path, device=cfg.train.device)
         self.rollout = Rollout(self.engine, self.engine.tokenizer, cfg.rollout)

