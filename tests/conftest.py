@@ -7,12 +7,23 @@ and models are random, a few hundred thousand parameters, built from a config he
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed JIT-builds a CPU comm op with whichever `ninja` is first on PATH; the venv's and the
+# system's share one build cache and each rebuilds what the other built (~2 min). Pin the venv's.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 TEST_CACHE = Path(os.environ.get("ENTRORL_TEST_CACHE", Path.home() / ".cache" / "entrorl-test"))
+
+
+def pytest_configure(config):
+    import torch
+
+    # Tiny models on 2 shared cores: one thread avoids OpenMP spin contention (10-100x faster).
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,8 +12,10 @@ backward, and one optimizer step per mini-batch.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -37,6 +39,9 @@ def init_distributed() -> None:
 
     if dist.is_initialized():
         return
+    # DeepSpeed JIT-builds a CPU comm op with the first `ninja` on PATH; prefer this venv's so a
+    # system ninja does not rebuild (and invalidate) the shared extension cache on every switch.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))

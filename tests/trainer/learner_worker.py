@@ -1,0 +1,84 @@
+"""A fixed learner batch, and one rank of a learner update when run as a script.
+
+`fixed_batch()` is shared by tests/trainer/test_learner.py (1 rank, in process) and
+tests/trainer/test_distributed.py, which starts this file once per rank:
+
+    RANK=r WORLD_SIZE=2 LOCAL_RANK=r MASTER_ADDR=127.0.0.1 MASTER_PORT=p DS_ACCELERATOR=cpu \
+        python tests/trainer/learner_worker.py MODEL_DIR OUT_DIR SPLIT [key=value ...]
+
+SPLIT names, for each update in turn, which samples every rank takes ("even": halves;
+"uneven": 1 sample on rank 0, 3 on rank 1). After each update rank 0 saves the parameters to
+OUT_DIR/params_<k>.pt; every rank writes OUT_DIR/done_<rank> at the end.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from agents.types import Trajectory
+
+VOCAB = 64
+# Per-rank shares of the 4-sample batch used by the distributed test.
+SPLITS = {"even": [[0, 1], [2, 3]], "uneven": [[0], [1, 2, 3]]}
+
+
+def fixed_batch(n_groups: int = 3, group_size: int = 2, seed: int = 0, zero_groups: tuple[int, ...] = (2,)):
+    """GRPO-like samples: each group shares a prompt; advantages +1 / -1 within a group (0 for
+    `zero_groups`); responses mix sampled tokens (loss_mask 1) and env tokens (0).
+    Returns (samples, advantages) with advantages[i] a [T_i] float tensor."""
+    rng = random.Random(seed)
+    samples, advantages = [], []
+    for g in range(n_groups):
+        prompt = [rng.randrange(3, VOCAB) for _ in range(rng.randint(4, 8))]
+        for k in range(group_size):
+            n = rng.randint(5, 9)
+            response = [rng.randrange(3, VOCAB) for _ in range(n)]
+            loss_mask = [1, 1] + [rng.choice([0, 1, 1]) for _ in range(n - 2)]
+            sign = 0.0 if g in zero_groups else (1.0 if k % 2 == 0 else -1.0)
+            samples.append(
+                Trajectory(
+                    prompt_ids=prompt,
+                    response_ids=response,
+                    loss_mask=loss_mask,
+                    rollout_logprobs=[-4.0 * m for m in loss_mask],
+                    entropies=[4.0 * m for m in loss_mask],
+                    reward=max(sign, 0.0),
+                    group_id=g,
+                    traj_id=len(samples),
+                )
+            )
+            advantages.append(torch.tensor(loss_mask, dtype=torch.float) * sign)
+    return samples, advantages
+
+
+def distributed_batch():
+    """4 samples, each with its own prompt, and non-zero advantages (no skipping)."""
+    return fixed_batch(n_groups=4, group_size=1, seed=1, zero_groups=())
+
+
+def main(model_dir: str, out_dir: str, splits: str, overrides: list[str]) -> None:
+    import torch.distributed as dist
+
+    from trainer.config import load
+    from trainer.learner.deepspeed import DeepSpeedLearner
+
+    learner = DeepSpeedLearner(load(None, overrides), model_dir)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    samples, advantages = distributed_batch()
+    for k, split in enumerate(splits.split(",")):
+        mine = SPLITS[split][rank] if world > 1 else range(len(samples))
+        learner.update([samples[i] for i in mine], [advantages[i] for i in mine])
+        params = {name: w.clone() for name, w in learner.named_weights()}
+        if rank == 0:
+            torch.save(params, Path(out_dir) / f"params_{k}.pt")
+    (Path(out_dir) / f"done_{rank}").write_text("ok")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:])
