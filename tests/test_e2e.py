@@ -64,6 +64,7 @@ def test_train_cpu_tiny(number_model_dir, game_cache, tmp_path, monkeypatch, cap
     assert summary["train/steps"] == 2.0
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert (tmp_path / "config.yaml").exists()
+    assert (tmp_path / "model" / "model.safetensors").exists()  # the trained policy, loadable by eval
 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "rollout/success" in r]

@@ -44,6 +44,10 @@ class AdvantageInputs:
     step_rewards:  [B] float, the env reward received after this turn (GiGPO step returns).
     anchor_keys:   B hashables, the anchor state of each turn-sample, e.g. a hash of the raw
                    observation without history (GiGPO groups equal keys within a group).
+    parent_ids:    [B] long, branched (tree) rollouts, one row per leaf trajectory: the traj_id
+                   of the row this one was branched from, -1 for a root (ARPO/AEPO, §2).
+    fork_positions:[B] long, tokens [0, fork) of the row are a verbatim copy of its parent's
+                   tokens [0, fork) (the shared prefix, same column positions); ignored for roots.
     """
 
     rewards: Tensor
@@ -56,12 +60,22 @@ class AdvantageInputs:
     turn_idx: Tensor | None = None
     step_rewards: Tensor | None = None
     anchor_keys: Sequence[Hashable] | None = None
+    parent_ids: Tensor | None = None
+    fork_positions: Tensor | None = None
 
     def __post_init__(self) -> None:
         batch = self.loss_mask.shape[0]
         if self.loss_mask.dim() != 2:
             raise ValueError(f"loss_mask must be [B, T], got shape {tuple(self.loss_mask.shape)}")
-        for name in ("rewards", "group_ids", "traj_ids", "turn_idx", "step_rewards"):
+        for name in (
+            "rewards",
+            "group_ids",
+            "traj_ids",
+            "turn_idx",
+            "step_rewards",
+            "parent_ids",
+            "fork_positions",
+        ):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != (batch,):
                 raise ValueError(f"{name} must be [B]=[{batch}], got shape {tuple(value.shape)}")
@@ -81,6 +95,9 @@ class AdvantageOutput:
     advantages: Tensor  # [B, T], zero where loss_mask == 0
     returns: Tensor | None = None  # [B, T] critic targets where an estimator defines them
     metrics: dict[str, float] = field(default_factory=dict)
+    # [B, T] replacement loss mask (prefix de-duplication of tree rollouts): the learner must use
+    # it instead of the input loss_mask when set. Advantages are already 0 where it drops tokens.
+    loss_mask: Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,14 +201,8 @@ class GRPOParams:
     count: Literal["sample", "trajectory"] = "sample"
 
 
-@ADVANTAGES.register("grpo", params=GRPOParams)
-def grpo(inputs: AdvantageInputs, params: GRPOParams) -> AdvantageOutput:
-    """GRPO outcome advantage, algorithms.md §6.1 (Dr.GRPO §6.2 with `norm_by_std=False`).
-
-    A_i = (R_i - mean_g) / (std_g + eps), unbiased std over the group, broadcast to the sampled
-    tokens of sample i. A group of one unit has mean 0 and std 1, so A_i = R_i exactly (verl
-    gives R_i / (1 + eps)). `count` decides what a unit of the group is, see `_group_baseline`.
-    """
+def _grpo_per_sample(inputs: AdvantageInputs, params: GRPOParams) -> tuple[Tensor, dict[str, float]]:
+    """Per-sample GRPO advantage [B] (float64) and the group metrics; see `grpo`."""
     n, mean, std = _group_baseline(inputs.rewards, inputs.group_ids, inputs.traj_ids, params.count)
     single = n < 2
     mean = torch.where(single, torch.zeros_like(mean), mean)
@@ -200,10 +211,25 @@ def grpo(inputs: AdvantageInputs, params: GRPOParams) -> AdvantageOutput:
     else:
         denom = torch.ones_like(std)
     per_sample = (inputs.rewards.double() - mean) / denom
+    metrics = {
+        "adv/singleton_frac": single.double().mean().item() if single.numel() else 0.0,
+        "adv/zero_std_frac": ((std == 0) & ~single).double().mean().item() if std.numel() else 0.0,
+    }
+    return per_sample, metrics
+
+
+@ADVANTAGES.register("grpo", params=GRPOParams)
+def grpo(inputs: AdvantageInputs, params: GRPOParams) -> AdvantageOutput:
+    """GRPO outcome advantage, algorithms.md §6.1 (Dr.GRPO §6.2 with `norm_by_std=False`).
+
+    A_i = (R_i - mean_g) / (std_g + eps), unbiased std over the group, broadcast to the sampled
+    tokens of sample i. A group of one unit has mean 0 and std 1, so A_i = R_i exactly (verl
+    gives R_i / (1 + eps)). `count` decides what a unit of the group is, see `_group_baseline`.
+    """
+    per_sample, group_metrics = _grpo_per_sample(inputs, params)
     advantages = _broadcast(per_sample.float(), inputs.loss_mask)
     metrics = _adv_metrics(advantages, inputs.loss_mask)
-    metrics["adv/singleton_frac"] = single.double().mean().item() if single.numel() else 0.0
-    metrics["adv/zero_std_frac"] = ((std == 0) & ~single).double().mean().item() if std.numel() else 0.0
+    metrics.update(group_metrics)
     return AdvantageOutput(advantages, None, metrics)
 
 
@@ -374,4 +400,294 @@ def gigpo(inputs: AdvantageInputs, params: GiGPOParams) -> AdvantageOutput:
     metrics["adv/episode_mean"] = episode.metrics["adv/mean"]
     metrics["adv/step_abs_mean"] = step_adv.abs().mean().item() if step_adv.numel() else 0.0
     metrics["adv/anchor_grouped_frac"] = (n >= 2).double().mean().item() if n.numel() else 0.0
+    return AdvantageOutput(advantages, None, metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# Tree (branched) rollouts: ARPO/AEPO soft and hard attribution
+
+
+@dataclass(frozen=True)
+class TreeParams:
+    attribution: Literal["soft", "hard"] = "soft"
+    dedup_prefix: bool = False  # train each shared prefix token once (needs attribution="hard")
+    norm_by_std: bool = True
+    eps: float = 1e-6
+
+
+def _prefix_owner(inputs: AdvantageInputs) -> Tensor:
+    """owner[i, t] = the row whose token t row i's token t is a copy of (the tree node's first row).
+
+    owner[i, t] = owner[parent(i), t] for t < fork(i), else i. Rows are leaves (one per
+    trajectory); parents must be in the same group; cycles and unknown parents are rejected.
+    """
+    B, T = inputs.loss_mask.shape
+    owner = torch.arange(B).repeat_interleave(T).view(B, T)
+    if inputs.parent_ids is None:
+        return owner.to(inputs.loss_mask.device)
+    traj = inputs.traj_ids.tolist()
+    if len(set(traj)) != B:
+        raise ValueError("tree advantages need one row per trajectory (traj_ids unique)")
+    row_of = {t: i for i, t in enumerate(traj)}
+    if inputs.fork_positions is None:
+        raise ValueError("grpo_tree: parent_ids need fork_positions (where each branch leaves its parent)")
+    parents, forks = inputs.parent_ids.tolist(), inputs.fork_positions.tolist()
+    groups = inputs.group_ids.tolist()
+    done = [False] * B
+
+    def resolve(i: int, seen: tuple[int, ...]) -> None:
+        if done[i]:
+            return
+        if parents[i] >= 0:
+            if parents[i] not in row_of:
+                raise ValueError(f"parent_ids[{i}]={parents[i]} is not a traj_id of this batch")
+            p = row_of[parents[i]]
+            if p in seen or p == i:
+                raise ValueError(f"parent_ids form a cycle through trajectory {traj[i]}")
+            if groups[p] != groups[i]:
+                raise ValueError(f"trajectory {traj[i]} branches from {traj[p]} of another group")
+            if not 0 <= forks[i] <= T:
+                raise ValueError(f"fork_positions[{i}]={forks[i]} outside [0, T={T}]")
+            resolve(p, seen + (i,))
+            owner[i, : forks[i]] = owner[p, : forks[i]]
+        done[i] = True
+
+    for i in range(B):
+        resolve(i, ())
+    return owner.to(inputs.loss_mask.device)
+
+
+@ADVANTAGES.register("grpo_tree", params=TreeParams, needs={"parent_ids", "fork_positions"})
+def grpo_tree(inputs: AdvantageInputs, params: TreeParams) -> AdvantageOutput:
+    """GRPO on branched rollouts (ARPO/AEPO tree sampling), algorithms.md §2a.
+
+    Every row is a leaf trajectory and gets the GRPO advantage A_i over its group (units =
+    leaves). soft (ARPO default): each row keeps A_i on all its tokens; a prefix shared by k
+    leaves is trained k times with their own advantages. hard: a shared prefix token gets the
+    mean advantage of the leaves that contain it. dedup_prefix (hard only): each shared token
+    is trained once, on the row that owns it (the root-most copy); `loss_mask` in the output
+    drops the copies (the learner must use it). Without parent_ids this is plain GRPO.
+    """
+    if params.dedup_prefix and params.attribution != "hard":
+        raise ValueError("grpo_tree: dedup_prefix needs attribution='hard' (soft has no single value)")
+    per_sample, group_metrics = _grpo_per_sample(
+        inputs, GRPOParams(norm_by_std=params.norm_by_std, eps=params.eps, count="sample")
+    )
+    valid = inputs.loss_mask > 0
+    owner = _prefix_owner(inputs)
+    B, T = valid.shape
+    node = owner * T + torch.arange(T, device=owner.device)
+    leaf_adv = per_sample[:, None].expand(B, T)
+    if params.attribution == "hard":
+        total = torch.zeros(B * T, dtype=torch.float64, device=owner.device)
+        count = torch.zeros_like(total)
+        total.index_add_(0, node[valid], leaf_adv[valid])
+        count.index_add_(0, node[valid], torch.ones_like(leaf_adv[valid]))
+        token_adv = (total / count.clamp_min(1))[node]
+    else:
+        token_adv = leaf_adv
+    loss_mask = None
+    if params.dedup_prefix:
+        own = owner == torch.arange(B, device=owner.device)[:, None]
+        loss_mask = (inputs.loss_mask * own).to(inputs.loss_mask.dtype)
+        valid = loss_mask > 0
+    advantages = torch.where(valid, token_adv.float(), torch.zeros(B, T, device=owner.device))
+    metrics = _adv_metrics(advantages, inputs.loss_mask if loss_mask is None else loss_mask)
+    metrics.update(group_metrics)
+    shared = (owner != torch.arange(B, device=owner.device)[:, None]) & (inputs.loss_mask > 0)
+    metrics["adv/shared_prefix_frac"] = shared.double().sum().item() / max(
+        int((inputs.loss_mask > 0).sum()), 1
+    )
+    return AdvantageOutput(advantages, None, metrics, loss_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Entropy-aware reshaping of the GRPO advantage: AEPO (§2c), EMPG (§7.2), ETTRL EAR (§7.7)
+
+
+def _row_entropy(inputs: AdvantageInputs, who: str) -> tuple[Tensor, Tensor]:
+    """(mean entropy of each row's sampled tokens [B] float64, row has a sampled token [B])."""
+    if inputs.entropies is None:
+        raise ValueError(f"{who} needs AdvantageInputs.entropies ([B, T] per-token entropy)")
+    valid = inputs.loss_mask > 0
+    total = torch.where(valid, inputs.entropies.double(), torch.zeros_like(inputs.entropies.double())).sum(-1)
+    return total / valid.sum(-1).clamp_min(1), valid.any(-1)
+
+
+@dataclass(frozen=True)
+class AEPOAdvParams:
+    entropy_coef: float = 0.2  # a in A (1 + a z_H)
+    norm_by_std: bool = True
+    eps: float = 1e-6
+    count: Literal["sample", "trajectory"] = "sample"
+
+
+@ADVANTAGES.register("aepo", params=AEPOAdvParams, needs={"entropies"})
+def aepo_advantage(inputs: AdvantageInputs, params: AEPOAdvParams) -> AdvantageOutput:
+    """AEPO entropy-aware advantage, algorithms.md §2c: A_t = A_GRPO (1 + a z_t).
+
+    z = z-score of the rollout-time token entropy over this batch's valid tokens (unbiased
+    std; std 0 -> 1). The loss "aepo" applies the same reshaping with the current entropy:
+    use one of the two (loss param entropy_adv_coef=0 with this estimator).
+    """
+    if inputs.entropies is None:
+        raise ValueError("aepo needs AdvantageInputs.entropies ([B, T] per-token entropy)")
+    per_sample, group_metrics = _grpo_per_sample(
+        inputs, GRPOParams(norm_by_std=params.norm_by_std, eps=params.eps, count=params.count)
+    )
+    valid = inputs.loss_mask > 0
+    entropy = inputs.entropies.double()[valid]
+    z = torch.zeros_like(inputs.entropies, dtype=torch.float64)
+    if entropy.numel():
+        std = entropy.std() if entropy.numel() > 1 else entropy.new_zeros(())
+        z[valid] = (entropy - entropy.mean()) / (std if std > 0 else 1.0)
+    advantages = _broadcast(per_sample.float(), inputs.loss_mask) * (1 + params.entropy_coef * z).float()
+    metrics = _adv_metrics(advantages, inputs.loss_mask)
+    metrics.update(group_metrics)
+    return AdvantageOutput(advantages, None, metrics)
+
+
+@dataclass(frozen=True)
+class EMPGParams:
+    k: float = 1.0  # confidence scaling of the step's own entropy
+    k_next: float = 1.0  # k' of the future-clarity bonus
+    zeta: float = 0.05  # weight of the future-clarity bonus
+    eps: float = 1e-8  # min-max normalisation
+    norm_by_std: bool = True  # base GRPO trajectory advantage
+    count: Literal["sample", "trajectory"] = "sample"
+
+
+def _next_turn_row(inputs: AdvantageInputs) -> list[int]:
+    """Row of the same trajectory's next turn (by turn_idx), -1 for the last turn / no turn_idx."""
+    B = inputs.rewards.shape[0]
+    if inputs.turn_idx is None:
+        return [-1] * B
+    by_traj: dict[int, list[int]] = defaultdict(list)
+    for i, traj in enumerate(inputs.traj_ids.tolist()):
+        by_traj[traj].append(i)
+    turns = inputs.turn_idx.tolist()
+    nxt = [-1] * B
+    for traj, rows in by_traj.items():
+        rows.sort(key=lambda i: turns[i])
+        if len({turns[i] for i in rows}) != len(rows):
+            raise ValueError(f"trajectory {traj} has two samples with the same turn_idx")
+        for a, b in zip(rows[:-1], rows[1:], strict=True):
+            nxt[a] = b
+    return nxt
+
+
+@ADVANTAGES.register("empg", params=EMPGParams, needs={"entropies"})
+def empg(inputs: AdvantageInputs, params: EMPGParams) -> AdvantageOutput:
+    """EMPG entropy-modulated step advantages, algorithms.md §7.2 (one sample per turn).
+
+    H_{i,t} = mean token entropy of the turn-sample; H~ = (H - min) / (max - min + eps) over
+    the batch's samples; g = exp(-k H~) / mean(exp(-k H~)); f = exp(-k' H~ of the next turn of
+    the same trajectory) (0 on the last turn; without turn_idx every sample is a last turn);
+    A_mod = g A_GRPO + zeta f, then the batch mean of A_mod is subtracted. Samples without a
+    sampled token are left out of every statistic and get 0.
+    """
+    per_sample, group_metrics = _grpo_per_sample(
+        inputs, GRPOParams(norm_by_std=params.norm_by_std, count=params.count)
+    )
+    entropy, has = _row_entropy(inputs, "empg")
+    normed = torch.zeros_like(entropy)
+    if has.any():
+        low, high = entropy[has].min(), entropy[has].max()
+        normed = (entropy - low) / (high - low + params.eps)
+    scale = torch.exp(-params.k * normed)
+    scale = scale / scale[has].mean() if has.any() else scale
+    nxt = torch.tensor(_next_turn_row(inputs), device=entropy.device)
+    has_next = (nxt >= 0) & has[nxt.clamp_min(0)]
+    bonus = torch.where(
+        has_next, torch.exp(-params.k_next * normed[nxt.clamp_min(0)]), torch.zeros_like(normed)
+    )
+    modulated = scale * per_sample + params.zeta * bonus
+    modulated = modulated - (modulated[has].mean() if has.any() else 0.0)
+    advantages = _broadcast(
+        torch.where(has, modulated, torch.zeros_like(modulated)).float(), inputs.loss_mask
+    )
+    metrics = _adv_metrics(advantages, inputs.loss_mask)
+    metrics.update(group_metrics)
+    metrics["adv/empg_scale_max"] = scale[has].max().item() if has.any() else 0.0
+    return AdvantageOutput(advantages, None, metrics)
+
+
+@dataclass(frozen=True)
+class ETTRLParams:
+    mode: Literal["reshape", "clip"] = "reshape"  # Adv-Res (default) | Adv-Clip
+    clip: float = 2.0  # beta of Adv-Clip
+    norm_by_std: bool = True
+    eps: float = 1e-6
+    count: Literal["sample", "trajectory"] = "sample"
+
+
+@ADVANTAGES.register(
+    "ettrl", params=ETTRLParams, needs=lambda p: {"entropies"} if p.mode == "reshape" else set()
+)
+def ettrl(inputs: AdvantageInputs, params: ETTRLParams) -> AdvantageOutput:
+    """ETTRL entropy-based advantage reshaping (EAR), algorithms.md §7.7.
+
+    reshape: A'_i = Y_i A_i, Y_i = 1 + (mean_g Hbar - Hbar_i) / mean_g Hbar with Hbar_i the
+    sample's mean token entropy and mean_g over its group's samples that have a sampled token
+    (Y = 1 when the group mean is 0). clip: A'_i = clip(A_i, -beta, beta).
+    """
+    per_sample, group_metrics = _grpo_per_sample(
+        inputs, GRPOParams(norm_by_std=params.norm_by_std, eps=params.eps, count=params.count)
+    )
+    if params.mode == "clip":
+        reshaped = per_sample.clamp(-params.clip, params.clip)
+    else:
+        entropy, has = _row_entropy(inputs, "ettrl")
+        _, group = torch.unique(inputs.group_ids, return_inverse=True)
+        num_groups = int(group.max()) + 1 if group.numel() else 0
+        total = torch.zeros(num_groups, dtype=torch.float64).index_add_(
+            0, group, torch.where(has, entropy, 0.0)
+        )
+        count = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group, has.double())
+        group_mean = (total / count.clamp_min(1))[group]
+        scale = torch.where(group_mean > 0, 1 + (group_mean - entropy) / group_mean.clamp_min(1e-12), 1.0)
+        reshaped = scale * per_sample
+    advantages = _broadcast(reshaped.float(), inputs.loss_mask)
+    metrics = _adv_metrics(advantages, inputs.loss_mask)
+    metrics.update(group_metrics)
+    return AdvantageOutput(advantages, None, metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# HAPO token-level group average advantage
+
+
+@dataclass(frozen=True)
+class HAPOAdvParams:
+    eps: float = 1e-6
+    fallback_threshold: float = 5.0  # a group with any |A| >= this falls back to GRPO
+
+
+@ADVANTAGES.register("hapo", params=HAPOAdvParams)
+def hapo_advantage(inputs: AdvantageInputs, params: HAPOAdvParams) -> AdvantageOutput:
+    """HAPO token-level group average advantage, algorithms.md §7.6.
+
+    Per group, samples weigh by their sampled-token count |o_i|: mu = sum |o_i| R_i / sum |o_i|,
+    sigma = sqrt(sum |o_i| (R_i - mu)^2 / sum |o_i|) (biased), A_i = (R_i - mu) / (sigma + eps).
+    Groups with any |A_i| >= fallback_threshold, and groups of one sample, use GRPO instead
+    (so a lone sample gets A = R, as in "grpo").
+    """
+    rewards = inputs.rewards.double()
+    length = (inputs.loss_mask > 0).sum(-1).double()
+    _, group = torch.unique(inputs.group_ids, return_inverse=True)
+    num_groups = int(group.max()) + 1 if group.numel() else 0
+    zeros = torch.zeros(num_groups, dtype=torch.float64, device=rewards.device)
+    weight = zeros.clone().index_add_(0, group, length)
+    mean = (zeros.clone().index_add_(0, group, length * rewards) / weight.clamp_min(1e-12))[group]
+    var = zeros.clone().index_add_(0, group, length * (rewards - mean) ** 2) / weight.clamp_min(1e-12)
+    token_adv = (rewards - mean) / (var.sqrt()[group] + params.eps)
+    size = zeros.clone().index_add_(0, group, torch.ones_like(rewards))
+    too_big = zeros.clone().index_add_(0, group, (token_adv.abs() >= params.fallback_threshold).double())
+    fallback = ((too_big > 0) | (size < 2))[group]
+    grpo_adv, group_metrics = _grpo_per_sample(inputs, GRPOParams())
+    per_sample = torch.where(fallback, grpo_adv, token_adv)
+    advantages = _broadcast(per_sample.float(), inputs.loss_mask)
+    metrics = _adv_metrics(advantages, inputs.loss_mask)
+    metrics.update(group_metrics)
+    metrics["adv/hapo_fallback_frac"] = fallback.double().mean().item() if fallback.numel() else 0.0
     return AdvantageOutput(advantages, None, metrics)

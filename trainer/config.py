@@ -88,6 +88,7 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only before/after
     eval_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0))
     output_dir: str = ""  # "" = runs/<config name>-<timestamp>
+    save_model: bool = True  # write the trained policy as a plain HF folder: <output_dir>/model
     device: str = "cpu"
 
 

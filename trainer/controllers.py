@@ -5,10 +5,11 @@ A controller is updated once per RL step with that step's reduced metrics
 plain floats (`loss_kwargs()`, called as `reg(inputs, **ctrl.loss_kwargs())`), and is
 checkpointed with the learner (`state_dict()` / `load_state_dict()`). Workers never own one.
 
-`make_controller(name, params, total_steps=...)` returns the controller a registered
-regulariser names in its `controller` flag (or None when the params need no state).
+`make_controller(name, params, total_steps=..., kind=...)` returns the controller a registered
+regulariser (or, with kind="policy_loss", policy loss) names in its `controller` flag, or None
+when the params need no state.
 
-This module knows nothing about tensors, models or distribution: stats arrive already reduced
+This module knows nothing about models or distribution: stats arrive already reduced
 over the whole step (all micro-batches, all ranks).
 """
 
@@ -16,9 +17,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-from trainer.losses import REGULARIZERS, AEntParams, EPOParams, KLParams
+import torch
+
+from trainer.losses import (
+    POLICY_LOSSES,
+    REGULARIZERS,
+    AEntParams,
+    BAPOParams,
+    EPOParams,
+    KLParams,
+    SIRENParams,
+    TemperatureReinforceParams,
+    bapo_grid,
+    bapo_search,
+)
+from trainer.sampling import select_reinforce_samples, switch_temperature
 
 
 class Controller(Protocol):
@@ -142,13 +157,133 @@ class AdaptiveKLController:
         self.coef = float(state["coef"])
 
 
-def make_controller(name: str, params: Any, *, total_steps: int) -> Controller | None:
-    """The controller of registered regulariser `name` with its validated params, or None."""
-    kind = REGULARIZERS.get(name).flags.get("controller")
-    if kind == "aent":
+class BAPOController:
+    """BAPO clip bounds searched on a whole step's tokens, algorithms.md §7.4 (scope="step").
+
+    Reads the grid sums "bapo/neg_sum/<i>" and "bapo/pos_sum/<j>" that the "bapo" loss reports
+    with scope="step" (summed, or averaged with equal weights: only P/N matters) and runs
+    `losses.bapo_search` on them; the next step's loss gets `clip_bounds`. Before the first
+    update it passes nothing and the loss searches on its own batch.
+    """
+
+    def __init__(self, params: BAPOParams) -> None:
+        self.params = params
+        self.bounds: tuple[float, float] | None = None
+
+    def update(self, stats: Mapping[str, float]) -> None:
+        p = self.params
+        lows = bapo_grid(p.low_start, p.low_max, p.low_step)
+        highs = bapo_grid(p.high_start, p.high_max, p.high_step)
+        neg = torch.tensor([_read(stats, f"bapo/neg_sum/{i}", "BAPOController") for i in range(len(lows))])
+        pos = torch.tensor([_read(stats, f"bapo/pos_sum/{j}", "BAPOController") for j in range(len(highs))])
+        self.bounds = bapo_search(neg, pos, p)
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        return {} if self.bounds is None else {"clip_bounds": self.bounds}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bounds": None if self.bounds is None else list(self.bounds)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        bounds = state["bounds"]
+        self.bounds = None if bounds is None else (float(bounds[0]), float(bounds[1]))
+
+
+class SIRENController:
+    """SIREN self-anchor, algorithms.md §7.3: H_anchor = the first step's "entropy/siren_selected".
+
+    Later updates leave the anchor fixed (they only count steps). Until the first update the
+    regulariser gets entropy_anchor=None, i.e. contributes nothing.
+    """
+
+    stat_key = "entropy/siren_selected"
+
+    def __init__(self, params: SIRENParams) -> None:
+        self.params = params
+        self.anchor: float | None = None
+        self.step = 0
+
+    def update(self, stats: Mapping[str, float]) -> None:
+        value = _read(stats, self.stat_key, "SIRENController")
+        if self.anchor is None:
+            self.anchor = value
+        self.step += 1
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        return {"entropy_anchor": self.anchor}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"anchor": self.anchor, "step": self.step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.anchor = None if state["anchor"] is None else float(state["anchor"])
+        self.step = int(state["step"])
+
+
+class TemperatureSwitchController:
+    """Arbitrary-Entropy PO's temperature switch, algorithms.md §7.9. Reads "entropy/mean".
+
+    The rollout hook asks `temperature` (T_high if the previous step's entropy H < H_target,
+    else T_low) and `select(advantages)` (the positive ones: min(max, kept) if H <= H_target, else half); see
+    `sampling.switch_temperature` / `sampling.select_reinforce_samples`. Before any update H is
+    unknown and treated as below target. The loss term itself takes no kwargs.
+    """
+
+    stat_key = "entropy/mean"
+
+    def __init__(self, params: TemperatureReinforceParams) -> None:
+        self.params = params
+        self.entropy: float | None = None
+
+    def update(self, stats: Mapping[str, float]) -> None:
+        self.entropy = _read(stats, self.stat_key, "TemperatureSwitchController")
+
+    @property
+    def temperature(self) -> float:
+        p = self.params
+        return switch_temperature(self.entropy, p.entropy_target, p.temperature_high, p.temperature_low)
+
+    def select(self, advantages: list[float]) -> list[int]:
+        """Indices of the temperature-T samples to keep (their advantage becomes +1)."""
+        p = self.params
+        return select_reinforce_samples(
+            advantages,
+            entropy=self.entropy,
+            target=p.entropy_target,
+            threshold=p.adv_threshold,
+            max_samples=p.max_samples,
+        )
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"entropy": self.entropy}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.entropy = None if state["entropy"] is None else float(state["entropy"])
+
+
+def make_controller(
+    name: str,
+    params: Any,
+    *,
+    total_steps: int,
+    kind: Literal["regularizer", "policy_loss"] = "regularizer",
+) -> Controller | None:
+    """The controller of registered regulariser (or policy loss) `name` with its params, or None."""
+    registry = POLICY_LOSSES if kind == "policy_loss" else REGULARIZERS
+    flag = registry.get(name).flags.get("controller")
+    if flag == "aent":
         return AEntController(params)
-    if kind == "epo":
+    if flag == "epo":
         return EPOController(params, total_steps)
-    if kind == "adaptive_kl" and params.target is not None:
+    if flag == "adaptive_kl" and params.target is not None:
         return AdaptiveKLController(params)
+    if flag == "bapo" and params.scope == "step":
+        return BAPOController(params)
+    if flag == "siren":
+        return SIRENController(params)
+    if flag == "temperature_switch":
+        return TemperatureSwitchController(params)
     return None

@@ -86,6 +86,8 @@ class Trainer:
         if cfg.train.eval_after:
             summary["eval/success_after"] = self.evaluate(step=cfg.train.steps)["eval/success"]
         summary["train/steps"] = float(cfg.train.steps)
+        if cfg.train.save_model:
+            self.learner.save_pretrained(str(self.run_dir / "model"), self.engine.tokenizer)
         self._write_summary(summary)
         return summary
 

@@ -8,13 +8,15 @@ the loss or its gradient. Reducing the matrix to a scalar is a separate named ch
 reduces and logs them.
 
 Each registered entry declares the optional inputs it reads in `needs` (any of "entropy",
-"clamped_entropy", "ref_logprobs", "rollout_logprobs", "traj_ids"), so the learner computes
-entropy whenever any configured term needs it (algorithms.md §8.1).
+"clamped_entropy", "top_p_entropy", "ref_logprobs", "rollout_logprobs", "traj_ids",
+"reinforce_mask"), so the learner computes entropy whenever any configured term needs it
+(algorithms.md §8.1).
 
 Two registries: `POLICY_LOSSES` (called as `fn(inputs)`) and `REGULARIZERS` (entropy bonus, KL
-to the reference, AEnt, EPO; called as `fn(inputs, **controller.loss_kwargs())` where a
+to the reference, AEnt, EPO, SIREN, temperature REINFORCE; called as `fn(inputs, **controller.loss_kwargs())` where a
 controller from `trainer/controllers.py` supplies a coefficient or reference value). Both
-return a per-token matrix; the learner aggregates each and sums the scalars.
+return a per-token matrix; the learner aggregates each and sums the scalars. A third registry,
+`TOKEN_WEIGHTS` (STEER), maps `LossInputs` to `token_weights` that any loss then applies.
 The math of each variant is in research/algorithms.md (section cited per function).
 
 This module knows nothing about models, configs, micro-batching or distribution.
@@ -22,6 +24,7 @@ This module knows nothing about models, configs, micro-batching or distribution.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -46,8 +49,13 @@ class LossInputs:
     ref_logprobs:     log-probs of the frozen reference policy (KL terms).
     entropy:          H_t of the current policy (differentiable when a loss uses its gradient).
     clamped_entropy:  AEnt clamped entropy of the current policy (algorithms.md §5).
-    token_weights:    per-token multipliers applied to the loss (STEER/HAPO-style hooks).
+    token_weights:    per-token multipliers applied to the loss; set by a `TOKEN_WEIGHTS` hook
+                      (STEER) via `with_token_weights`.
     traj_ids:         [B] long, episode id of each row (nested means over turns).
+    top_p_entropy:    SIREN nucleus entropy H^p_t of the current policy (`top_p_entropy_from_logits`,
+                      algorithms.md §7.3); differentiable.
+    reinforce_mask:   1 on tokens of the extra temperature-switched samples of Arbitrary-Entropy
+                      PO (algorithms.md §7.9), produced by the rollout hook in `trainer/sampling.py`.
     """
 
     logprobs: Tensor
@@ -60,6 +68,8 @@ class LossInputs:
     clamped_entropy: Tensor | None = None
     token_weights: Tensor | None = None
     traj_ids: Tensor | None = None
+    top_p_entropy: Tensor | None = None
+    reinforce_mask: Tensor | None = None
 
     def __post_init__(self) -> None:
         shape = self.logprobs.shape
@@ -72,6 +82,8 @@ class LossInputs:
             "entropy",
             "clamped_entropy",
             "token_weights",
+            "top_p_entropy",
+            "reinforce_mask",
         ):
             value = getattr(self, name)
             if value is not None and value.shape != shape:
@@ -344,6 +356,298 @@ def aepo(inputs: LossInputs, params: AEPOParams) -> LossOutput:
 
 
 # --------------------------------------------------------------------------------------------
+# CE-GPPO gradient-preserving clipping
+
+
+def _check_dual_clip(dual_clip: float | None) -> None:
+    if dual_clip is not None and dual_clip <= 1:
+        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
+
+
+@dataclass(frozen=True)
+class CEGPPOParams:
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    beta_low: float = 0.75  # beta1: scale kept on A < 0, r < 1 - eps_l (0 = PPO's zero gradient)
+    beta_high: float = 1.0  # beta2: scale kept on A > 0, r > 1 + eps_h (0 = PPO's zero gradient)
+    dual_clip: float | None = 3.0
+    log_ratio_clamp: float = 20.0
+
+    def __post_init__(self) -> None:
+        _check_dual_clip(self.dual_clip)
+
+
+@POLICY_LOSSES.register("ce_gppo", params=CEGPPOParams)
+def ce_gppo(inputs: LossInputs, params: CEGPPOParams) -> LossOutput:
+    """CE-GPPO gradient-preserving clipping, algorithms.md §7.8.
+
+    A < 0, r < 1-eps_l: l = -beta1 (1-eps_l) (r / sg(r)) A  -> gradient -beta1 (1-eps_l) A grad log pi;
+    A > 0, r > 1+eps_h: l = -beta2 (1+eps_h) (r / sg(r)) A  -> gradient -beta2 (1+eps_h) A grad log pi;
+    otherwise l = -r A; then the dual clip for A < 0. The forward value at clipped tokens is
+    scaled by beta too (unlike AEPO, whose gradient equals beta1 = 0, beta2 = 1).
+    """
+    log_ratio = _log_ratio(inputs, params.log_ratio_clamp)
+    ratio = torch.exp(log_ratio)
+    advantages = _advantages(inputs)
+    unit = ratio / ratio.detach()  # value 1, gradient grad log pi
+    low = (advantages < 0) & (ratio < 1 - params.clip_low)
+    high = (advantages > 0) & (ratio > 1 + params.clip_high)
+    loss = -advantages * ratio
+    loss = torch.where(low, -params.beta_low * (1 - params.clip_low) * unit * advantages, loss)
+    loss = torch.where(high, -params.beta_high * (1 + params.clip_high) * unit * advantages, loss)
+    loss, dual = _dual_clip(loss, advantages, params.dual_clip)
+    metrics = _ratio_metrics(inputs, log_ratio, ratio)
+    metrics["loss/clipfrac"] = masked_mean((low | high).float(), inputs.loss_mask)
+    metrics["loss/clipfrac_low"] = masked_mean(low.float(), inputs.loss_mask)
+    metrics["loss/clipfrac_dual"] = masked_mean(dual.float(), inputs.loss_mask)
+    return _finish(inputs, loss, metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# BAPO adaptive clip bounds
+
+
+@dataclass(frozen=True)
+class BAPOParams:
+    target: float = 1.0  # wanted P/N (the README's "rho0 = 0.5 of the total" is P/N = 1)
+    low_start: float = 0.6  # explicit ratio bounds, not 1 -+ eps
+    low_max: float = 0.8
+    low_step: float = 0.05
+    high_start: float = 1.2
+    high_max: float = 2.0
+    high_step: float = 0.05
+    contribution: Literal["unclipped", "clamped"] = "unclipped"
+    scope: Literal["batch", "step"] = "batch"
+    dual_clip: float | None = 3.0
+    log_ratio_clamp: float = 20.0
+
+    def __post_init__(self) -> None:
+        _check_dual_clip(self.dual_clip)
+        for side in ("low", "high"):
+            start, stop, step = (getattr(self, f"{side}_{k}") for k in ("start", "max", "step"))
+            if not 0 < start <= stop or step <= 0:
+                raise ValueError(
+                    f"BAPO needs 0 < {side}_start <= {side}_max and {side}_step > 0, "
+                    f"got {start}, {stop}, {step}"
+                )
+
+
+def bapo_grid(start: float, stop: float, step: float) -> list[float]:
+    """Candidate bounds start, start + step, ..., the last one clamped to stop (as the BAPO code)."""
+    n = math.ceil((stop - start) / step - 1e-9)
+    return [min(start + i * step, stop) for i in range(n + 1)]
+
+
+def bapo_contributions(
+    ratio: Tensor, advantages: Tensor, loss_mask: Tensor, params: BAPOParams
+) -> tuple[Tensor, Tensor]:
+    """Grid sums (N[i] for each candidate c_low, P[j] for each candidate c_high), float64, detached.
+
+    contribution="unclipped" (the paper's intent; monotone, so the search can succeed by raising
+    c_low): P(c_h) = sum_{A>0, r<=c_h} r A, N(c_l) = sum_{A<0, r>=c_l} r |A|, the tokens that
+    still get a gradient. contribution="clamped" (released code, ⚠ raising c_low then *raises*
+    N): P = sum_{A>=0} min(r, c_h) A, N = sum_{A<0} |max(r, c_l) A|. Sums over ranks and
+    micro-batches add up, so the search can run on globally reduced sums (`scope="step"`).
+    """
+    valid = loss_mask > 0
+    r, adv = ratio.detach().double(), advantages.detach().double()
+    lows = r.new_tensor(bapo_grid(params.low_start, params.low_max, params.low_step))[:, None]
+    highs = r.new_tensor(bapo_grid(params.high_start, params.high_max, params.high_step))[:, None]
+    pos_r, pos_a = r[valid & (adv > 0)][None], adv[valid & (adv > 0)][None]
+    neg_r, neg_a = r[valid & (adv < 0)][None], -adv[valid & (adv < 0)][None]
+    if params.contribution == "unclipped":
+        pos = (pos_r * pos_a * (pos_r <= highs)).sum(-1)
+        neg = (neg_r * neg_a * (neg_r >= lows)).sum(-1)
+    else:
+        pos = (torch.minimum(pos_r, highs) * pos_a).sum(-1)
+        neg = (torch.maximum(neg_r, lows) * neg_a).sum(-1)
+    return neg, pos
+
+
+def bapo_search(neg: Tensor, pos: Tensor, params: BAPOParams) -> tuple[float, float]:
+    """BAPO bound search, algorithms.md §7.4, on grid sums from `bapo_contributions`.
+
+    From (c_low, c_high) = (low_start, high_start): raise c_low one step at a time while
+    P/N < target and c_low < low_max; then raise c_high likewise. N = 0 counts as balanced.
+    """
+    lows = bapo_grid(params.low_start, params.low_max, params.low_step)
+    highs = bapo_grid(params.high_start, params.high_max, params.high_step)
+    i = j = 0
+
+    def balanced() -> bool:
+        return float(neg[i]) <= 0 or float(pos[j]) / float(neg[i]) >= params.target
+
+    while not balanced() and i < len(lows) - 1:
+        i += 1
+    while not balanced() and j < len(highs) - 1:
+        j += 1
+    return lows[i], highs[j]
+
+
+@POLICY_LOSSES.register("bapo", params=BAPOParams, controller="bapo")
+def bapo(
+    inputs: LossInputs, params: BAPOParams, *, clip_bounds: tuple[float, float] | None = None
+) -> LossOutput:
+    """BAPO, algorithms.md §7.4: PPO with clip(r, c_low, c_high) and dual clip, bounds adapted
+    so that positive-advantage tokens weigh at least `target` times the negative ones.
+
+    scope="batch": bounds are searched on this call's tokens (micro-batch; the reference
+    all-reduces over data-parallel ranks). scope="step": `controllers.BAPOController` searches
+    on the previous step's reduced grid sums (metrics "bapo/neg_sum/<i>", "bapo/pos_sum/<j>")
+    and passes `clip_bounds`; before its first update the batch search is used.
+    """
+    log_ratio = _log_ratio(inputs, params.log_ratio_clamp)
+    ratio = torch.exp(log_ratio)
+    advantages = _advantages(inputs)
+    neg, pos = bapo_contributions(ratio, advantages, inputs.loss_mask, params)
+    c_low, c_high = clip_bounds if clip_bounds is not None else bapo_search(neg, pos, params)
+    loss, clipped = _clipped_surrogate(advantages, ratio, 1 - c_low, c_high - 1)
+    loss, dual = _dual_clip(loss, advantages, params.dual_clip)
+    metrics = _ratio_metrics(inputs, log_ratio, ratio)
+    metrics["loss/clipfrac"] = masked_mean(clipped.float(), inputs.loss_mask)
+    metrics["loss/clipfrac_dual"] = masked_mean(dual.float(), inputs.loss_mask)
+    metrics["loss/bapo_c_low"] = torch.tensor(float(c_low))
+    metrics["loss/bapo_c_high"] = torch.tensor(float(c_high))
+    if params.scope == "step":
+        metrics.update({f"bapo/neg_sum/{i}": v for i, v in enumerate(neg)})
+        metrics.update({f"bapo/pos_sum/{j}": v for j, v in enumerate(pos)})
+    return _finish(inputs, loss, metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# HAPO asymmetric adaptive clipping + differential advantage redistribution
+
+
+def hapo_entropy_signal(entropy: Tensor, loss_mask: Tensor, pivot: float = 0.8, eps: float = 1e-8) -> Tensor:
+    """HAPO's normalised entropy h in [-1, 1], algorithms.md §7.6; [B, T], 0 at masked tokens.
+
+    d = log H - q-quantile(log H) over this batch's valid tokens (linear interpolation);
+    h = d / max(d) where d > 0, d / |min(d)| where d < 0. (The paper's division by the RMS
+    deviation cancels in this scaling, so it is skipped.) Detached.
+    """
+    valid = loss_mask > 0
+    log_h = torch.log(entropy.detach().clamp_min(eps))
+    if not valid.any():
+        return torch.zeros_like(log_h)
+    d = log_h - torch.quantile(log_h[valid], pivot)
+    d = torch.where(valid, d, torch.zeros_like(d))
+    top, bottom = d.max(), d.min()
+    h = torch.where(d > 0, d / top.clamp_min(eps), d / (-bottom).clamp_min(eps))
+    return torch.where(d == 0, torch.zeros_like(h), h)
+
+
+@dataclass(frozen=True)
+class HAPOParams:
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    clip_alpha: float = (
+        1.0  # alpha: eps_h' = eps_h (1 + alpha h) for h > 0; eps_l' = eps_l (1 - alpha h) for h <= 0
+    )
+    adv_beta: float = 1.0  # beta: A' = A (1 + beta h)
+    entropy_pivot: float = 0.8
+    dual_clip: float | None = 10.0
+    log_ratio_clamp: float = 20.0
+
+    def __post_init__(self) -> None:
+        _check_dual_clip(self.dual_clip)
+
+
+@POLICY_LOSSES.register("hapo", params=HAPOParams, needs={"entropy"})
+def hapo(inputs: LossInputs, params: HAPOParams) -> LossOutput:
+    """HAPO loss, algorithms.md §7.6 (pair with advantage "hapo" for the token-level group mean).
+
+    h = `hapo_entropy_signal` of the current entropy. High-entropy tokens (h > 0) get a wider
+    upper bound eps_h (1 + alpha h), low-entropy ones (h <= 0) a wider lower bound
+    eps_l (1 - alpha h). A' = A (1 + beta h), applied for h > 0 only when r is outside the
+    neutral band (1 - eps_l'/2, 1 + eps_h'/2), for h <= 0 only inside it. Then
+    max(-A' r, -A' clip(r, 1-eps_l', 1+eps_h')) and the dual clip.
+    """
+    if inputs.entropy is None:
+        raise ValueError("hapo needs LossInputs.entropy")
+    log_ratio = _log_ratio(inputs, params.log_ratio_clamp)
+    ratio = torch.exp(log_ratio)
+    advantages = _advantages(inputs)
+    h = hapo_entropy_signal(inputs.entropy, inputs.loss_mask, params.entropy_pivot).to(ratio.dtype)
+    high_entropy = h > 0
+    eps_h = torch.where(high_entropy, params.clip_high * (1 + params.clip_alpha * h), params.clip_high)
+    eps_l = torch.where(high_entropy, params.clip_low, params.clip_low * (1 - params.clip_alpha * h))
+    r = ratio.detach()
+    inside = (r > 1 - eps_l / 2) & (r < 1 + eps_h / 2)
+    redistribute = torch.where(high_entropy, ~inside, inside)
+    advantages = torch.where(redistribute, advantages * (1 + params.adv_beta * h), advantages)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.minimum(torch.maximum(ratio, 1 - eps_l), 1 + eps_h)
+    loss = torch.maximum(unclipped, clipped)
+    loss, dual = _dual_clip(loss, advantages, params.dual_clip)
+    metrics = _ratio_metrics(inputs, log_ratio, ratio)
+    metrics["loss/clipfrac"] = masked_mean((clipped > unclipped).float(), inputs.loss_mask)
+    metrics["loss/clipfrac_dual"] = masked_mean(dual.float(), inputs.loss_mask)
+    metrics["loss/hapo_high_entropy_frac"] = masked_mean(high_entropy.float(), inputs.loss_mask)
+    return _finish(inputs, loss, metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# Token-weight hooks (STEER): LossInputs -> token_weights, usable with any policy loss
+
+TOKEN_WEIGHTS = Registry("token weighting")
+
+
+@dataclass
+class TokenWeightOutput:
+    token_weights: Tensor  # [B, T], detached, zero where loss_mask == 0
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+def with_token_weights(inputs: LossInputs, weights: Tensor) -> LossInputs:
+    """A copy of `inputs` whose token_weights are multiplied by `weights` (hooks compose)."""
+    current = inputs.token_weights
+    return dataclasses.replace(inputs, token_weights=weights if current is None else current * weights)
+
+
+@dataclass(frozen=True)
+class STEERParams:
+    mode: Literal["exponential", "linear"] = "exponential"
+    weight_min: float = 0.8
+    weight_max: float = 1.0  # linear mode only; the exponential map tops out at 1
+    omega_floor: float = 0.02  # kappa = -ln(w_min) / max(max |Omega|, floor)
+
+
+@TOKEN_WEIGHTS.register("steer", params=STEERParams, needs={"entropy"})
+def steer(inputs: LossInputs, params: STEERParams) -> TokenWeightOutput:
+    """STEER token reweighting, algorithms.md §7.5: down-weight tokens whose update would move
+    the entropy most.
+
+    Omega_t = (A_t / pi_old) pi (1 - pi) (log pi + H_t), detached, over this batch's valid tokens.
+    exponential: w = clip(exp(-kappa |Omega|), w_min, 1), kappa = -ln(w_min) / max(max|Omega|, floor);
+    linear: w = w_max - (|Omega| - min) / (max - min) (w_max - w_min) (w_max when max == min).
+    Apply with `with_token_weights(inputs, out.token_weights)` before calling the loss.
+    """
+    if inputs.entropy is None:
+        raise ValueError("token weighting 'steer' needs LossInputs.entropy")
+    valid = inputs.valid
+    zero = torch.zeros_like(inputs.logprobs.detach())
+    logprobs = torch.where(valid, inputs.logprobs.detach(), zero)
+    old = torch.where(valid, inputs.old_logprobs.detach(), zero)
+    entropy = torch.where(valid, inputs.entropy.detach(), zero)
+    prob = logprobs.exp()
+    omega = (_advantages(inputs).detach() * torch.exp(-old)) * prob * (1 - prob) * (logprobs + entropy)
+    size = torch.where(valid, omega.abs(), zero)
+    if not valid.any():
+        return TokenWeightOutput(zero, {})
+    top, bottom = size[valid].max(), size[valid].min()
+    if params.mode == "exponential":
+        kappa = -math.log(params.weight_min) / top.clamp_min(params.omega_floor)
+        weights = torch.exp(-kappa * size).clamp(params.weight_min, 1.0)
+    else:
+        spread = params.weight_max - params.weight_min
+        scaled = (size - bottom) / (top - bottom) if top > bottom else zero
+        weights = params.weight_max - scaled * spread
+    weights = torch.where(valid, weights, zero)
+    metrics = {"loss/steer_weight_mean": masked_mean(weights, inputs.loss_mask), "loss/steer_omega_max": top}
+    return TokenWeightOutput(weights, metrics)
+
+
+# --------------------------------------------------------------------------------------------
 # Token selection: the 80/20 forking-token mask
 
 
@@ -497,4 +801,107 @@ def epo(
         "entropy/mean": masked_mean(entropy, inputs.loss_mask),
         "loss/epo_penalty": masked_mean(penalty, inputs.loss_mask),
     }
+    return _finish(inputs, loss, metrics)
+
+
+def top_p_entropy_from_logits(
+    logits: Tensor, top_p: float = 0.8, top_k: int = 10000, temperature: float = 1.0
+) -> Tensor:
+    """SIREN nucleus entropy H^p, algorithms.md §7.3: [..., V] -> [...].
+
+    Among the top_k logits, keep the smallest prefix whose full-vocabulary probability mass
+    reaches top_p (the token crossing p is kept), renormalise over it and take the entropy.
+    The nucleus is chosen without gradient; the gradient flows through the kept logits.
+    (Belongs with the kernels in trainer/logprobs.py; the learner computes it when a term
+    needs "top_p_entropy".)
+    """
+    z = (logits.double() if logits.dtype == torch.float64 else logits.float()) / temperature
+    top = torch.topk(z, min(top_k, z.shape[-1]), dim=-1).values  # sorted, descending
+    probs = torch.exp(top - torch.logsumexp(z, dim=-1, keepdim=True)).detach()
+    mass_before = probs.cumsum(-1) - probs
+    keep = mass_before < top_p
+    logp = torch.log_softmax(top.masked_fill(~keep, float("-inf")), dim=-1)
+    return -(logp.exp() * torch.where(keep, logp, torch.zeros_like(logp))).sum(-1)
+
+
+@dataclass(frozen=True)
+class SIRENParams:
+    coef: float = 0.005  # beta
+    peak_quantile: float = 0.8  # keep tokens with H^p >= this quantile of their own response
+    entropy_key: Literal["top_p_entropy", "entropy"] = "top_p_entropy"
+
+
+@REGULARIZERS.register(
+    "siren",
+    params=SIRENParams,
+    needs=lambda p: {p.entropy_key},
+    controller="siren",
+    aggregation="seq-mean-token-mean",
+)
+def siren(inputs: LossInputs, params: SIRENParams, *, entropy_anchor: float | None = None) -> LossOutput:
+    """SIREN self-anchored selective entropy regulariser, algorithms.md §7.3.
+
+    Peak mask: valid tokens whose H^p >= the `peak_quantile` quantile of H^p over their own
+    response (linear interpolation). H_sel = seq-mean-token-mean of H^p over the peak tokens;
+    the term is beta (H_sel - H_anchor)^2, H_anchor from `controllers.SIRENController` (the
+    first step's H_sel; None = this batch's own value, so the term is 0 until anchored).
+    A square of a batch mean is not a sum over tokens, so the per-token matrix is built for
+    the "seq-mean-token-mean" aggregation (flag): l_t = 2 beta d (n_i / s_i) peak_t H_t +
+    sg(beta d^2 - 2 beta d H_sel), d = sg(H_sel) - H_anchor, n_i / s_i valid / peak tokens of
+    row i; aggregated that way it has value beta d^2 and gradient 2 beta d grad H_sel.
+    """
+    entropy = _require(inputs, params.entropy_key, "siren")
+    valid = inputs.valid
+    values = torch.where(valid, entropy.detach(), torch.full_like(entropy, float("nan")))
+    has_valid = valid.any(dim=-1)
+    cut = torch.zeros_like(values[:, 0])
+    if has_valid.any():
+        cut[has_valid] = torch.nanquantile(values[has_valid], params.peak_quantile, dim=-1)
+    peak = valid & (entropy.detach() >= cut[:, None])
+    n_valid, n_peak = valid.sum(-1), peak.sum(-1)
+    rows = n_peak > 0
+    row_mean = torch.where(peak, entropy, torch.zeros_like(entropy)).sum(-1) / n_peak.clamp_min(1)
+    selected = row_mean[rows].sum() / rows.sum().clamp_min(1)
+    d = 0.0 if entropy_anchor is None else selected.detach() - entropy_anchor
+    scale = (n_valid / n_peak.clamp_min(1)).to(entropy.dtype)[:, None]
+    linear = 2 * params.coef * d * scale * torch.where(peak, entropy, torch.zeros_like(entropy))
+    loss = linear
+    if entropy_anchor is not None:
+        loss = loss + (params.coef * d * d - 2 * params.coef * d * selected).detach()
+    metrics = {
+        "entropy/siren_selected": selected.detach(),
+        "entropy/siren_peak_frac": masked_mean(peak.float(), inputs.loss_mask),
+    }
+    return _finish(inputs, loss, metrics)
+
+
+@dataclass(frozen=True)
+class TemperatureReinforceParams:
+    coef: float = 1.0  # alpha
+    entropy_target: float = 0.5  # H_target (0.75 best in the README)
+    temperature_high: float = 1.2
+    temperature_low: float = 0.8
+    max_samples: int = 60
+    adv_threshold: float = 0.05
+
+
+@REGULARIZERS.register(
+    "temperature_reinforce",
+    params=TemperatureReinforceParams,
+    needs={"reinforce_mask"},
+    controller="temperature_switch",
+)
+def temperature_reinforce(inputs: LossInputs, params: TemperatureReinforceParams) -> LossOutput:
+    """Arbitrary-Entropy PO's REINFORCE term, algorithms.md §7.9: l_t = -alpha m_t A_t log pi_t.
+
+    Needs the rollout hook: each step, `controllers.TemperatureSwitchController.temperature`
+    picks T_high or T_low from the previous step's entropy, extra samples are drawn at T,
+    `sampling.select_reinforce_samples` keeps the positive ones with advantage +1, and their
+    tokens are marked in `reinforce_mask` (and left out of the main loss's loss_mask). No
+    importance correction between pi^T and pi, as in the reference.
+    """
+    mask = _require(inputs, "reinforce_mask", "temperature_reinforce")
+    logprobs = torch.where(inputs.valid, inputs.logprobs, torch.zeros_like(inputs.logprobs))
+    loss = -params.coef * mask * _advantages(inputs) * logprobs
+    metrics = {"loss/reinforce_token_frac": masked_mean((mask > 0).float(), inputs.loss_mask)}
     return _finish(inputs, loss, metrics)

@@ -27,16 +27,6 @@ def sharpen(model):
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Decoding a tiny model is many small ops; on 2 shared cores, 2 threads spend most of their
-    time waiting on each other (measured: 1 thread is 5-20x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
     engine = HFEngine.from_pretrained(str(tiny_model_dir))

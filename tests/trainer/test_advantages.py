@@ -157,8 +157,133 @@ def test_gigpo_hand_values():
         ADVANTAGES.build("gigpo")(_inputs([1, 0], [0, 0]))
 
 
+def _tree_inputs(**kw):
+    # rows 10 <- 11 <- 12 (traj ids); 11 copies 10's tokens [0, 2), 12 copies 11's tokens [0, 3)
+    # owner of each token: row0 [0,0,0,0]; row1 [0,0,1,1]; row2 [0,0,1,2]
+    return _inputs(
+        [1, 1, 0],
+        [0, 0, 0],
+        traj_ids=[10, 11, 12],
+        loss_mask=torch.ones(3, 4),
+        parent_ids=torch.tensor([-1, 10, 11]),
+        fork_positions=torch.tensor([0, 2, 3]),
+        **kw,
+    )
+
+
+def test_grpo_tree_soft_is_plain_grpo_per_leaf():
+    # Dr.GRPO: mean 2/3 -> A = [1/3, 1/3, -2/3] on every token of each leaf
+    inputs = _tree_inputs()
+    out = ADVANTAGES.build("grpo_tree", {"norm_by_std": False})(inputs)
+    plain = ADVANTAGES.build("grpo", {"norm_by_std": False})(inputs)
+    torch.testing.assert_close(out.advantages, plain.advantages)
+    assert out.loss_mask is None
+    assert out.metrics["adv/shared_prefix_frac"] == pytest.approx(5 / 12)  # 2 + 3 copied tokens
+
+
+def test_grpo_tree_hard_and_dedup():
+    a, b = 1 / 3, -1 / 6  # b: node (row1, t2) is shared by rows 1, 2: (1/3 - 2/3) / 2
+    hard = ADVANTAGES.build("grpo_tree", {"norm_by_std": False, "attribution": "hard"})(_tree_inputs())
+    # tokens 0, 1 are shared by all three leaves: mean of a zero-mean group = 0
+    expected = torch.tensor([[0, 0, a, a], [0, 0, b, a], [0, 0, b, -2 / 3]])
+    torch.testing.assert_close(hard.advantages, expected, atol=1e-6, rtol=0)
+    dedup = ADVANTAGES.build("grpo_tree", {"norm_by_std": False, "attribution": "hard", "dedup_prefix": True})
+    out = dedup(_tree_inputs())
+    # each shared token is trained once, on its owner row; copies leave the loss mask
+    keep = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]], dtype=torch.float32)
+    torch.testing.assert_close(out.loss_mask, keep)
+    torch.testing.assert_close(out.advantages, expected * keep, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="dedup_prefix needs attribution='hard'"):
+        ADVANTAGES.build("grpo_tree", {"dedup_prefix": True})(_tree_inputs())
+
+
+def test_grpo_tree_rejects_bad_trees():
+    def bad(parents, forks=(0, 2, 3), groups=(0, 0, 0)):
+        inputs = _inputs([1, 1, 0], list(groups), traj_ids=[10, 11, 12], loss_mask=torch.ones(3, 4))
+        inputs.parent_ids, inputs.fork_positions = torch.tensor(parents), torch.tensor(forks)
+        return ADVANTAGES.build("grpo_tree")(inputs)
+
+    with pytest.raises(ValueError, match="not a traj_id"):
+        bad([-1, 99, 11])
+    with pytest.raises(ValueError, match="cycle"):
+        bad([12, 10, 11])
+    with pytest.raises(ValueError, match="another group"):
+        bad([-1, 10, 11], groups=(0, 1, 1))
+    with pytest.raises(ValueError, match="fork_positions"):
+        bad([-1, 10, 11], forks=(0, 9, 3))
+
+
+def test_empg_hand_values():
+    # trajectory 0: turns 0, 1 (entropy 0, 1); trajectory 1: one turn (entropy .5). Dr.GRPO counted
+    # per trajectory: A = [.5, .5, -.5]. H~ = [0, 1, .5] (eps 0); e = exp(-H~) = [1, .3679, .6065],
+    # mean .6581 -> g = [1.5194, .5590, .9216]; future bonus only on turn 0: .05 exp(-1) = .01839
+    # A_mod = [.7781, .2795, -.4608], minus its mean .1989 -> [.5792, .0806, -.6597]
+    entropies = torch.tensor([[0.0, 0, 0], [1, 1, 1], [0.5, 0.5, 0.5]])
+    inputs = _inputs(
+        [1, 1, 0], [0, 0, 0], traj_ids=[0, 0, 1], entropies=entropies, turn_idx=torch.tensor([0, 1, 0])
+    )
+    out = ADVANTAGES.build("empg", {"eps": 0.0, "norm_by_std": False, "count": "trajectory"})(inputs)
+    torch.testing.assert_close(
+        _per_sample(out), torch.tensor([0.579179, 0.080550, -0.659729]), atol=1e-5, rtol=0
+    )
+    assert _per_sample(out).sum().abs() < 1e-6  # zero-mean over the batch's samples
+
+
+def test_empg_all_equal_entropy_and_single_turn():
+    # equal entropies: g = 1 and H~ = 0; without turn_idx no bonus -> plain GRPO minus its mean (0)
+    inputs = _inputs([1, 0], [0, 0], entropies=torch.ones(2, 3))
+    out = ADVANTAGES.build("empg")(inputs)
+    torch.testing.assert_close(out.advantages, ADVANTAGES.build("grpo")(inputs).advantages)
+    with pytest.raises(ValueError, match="entropies"):
+        ADVANTAGES.build("empg")(_inputs([1, 0], [0, 0]))
+
+
+def test_ettrl_reshape_and_clip():
+    # A = [.5, -.5]; mean entropies [1, 3], group mean 2 -> Y = [1.5, .5] -> [.75, -.25]
+    entropies = torch.tensor([[1.0, 1, 1], [3, 3, 3]])
+    out = ADVANTAGES.build("ettrl", {"norm_by_std": False})(_inputs([1, 0], [0, 0], entropies=entropies))
+    torch.testing.assert_close(_per_sample(out), torch.tensor([0.75, -0.25]))
+    # a group of one: Y = 1 (its own mean); Adv-Clip clips A = [.7071, -.7071, 3] to [-.5, .5]
+    single = ADVANTAGES.build("ettrl")(_inputs([3], [0], entropies=torch.ones(1, 3)))
+    torch.testing.assert_close(_per_sample(single), torch.tensor([3.0]))
+    clipped = ADVANTAGES.build("ettrl", {"mode": "clip", "clip": 0.5})(_inputs([1, 0, 3], [0, 0, 1]))
+    torch.testing.assert_close(_per_sample(clipped), torch.tensor([0.5, -0.5, 0.5]))
+    assert not ADVANTAGES.build("ettrl", {"mode": "clip"}).needs
+
+
+def test_aepo_entropy_aware_advantage():
+    # A = [.5, -.5]; valid entropies [1, 3, 2, 2]: mean 2, unbiased std sqrt(2/3) -> z = [-1.2247, 1.2247, 0, 0]
+    entropies = torch.tensor([[1.0, 3.0], [2.0, 2.0]])
+    out = ADVANTAGES.build("aepo", {"norm_by_std": False})(
+        _inputs([1, 0], [0, 0], loss_mask=torch.ones(2, 2), entropies=entropies)
+    )
+    z = 1 / math.sqrt(2 / 3)
+    expected = torch.tensor([[0.5 * (1 - 0.2 * z), 0.5 * (1 + 0.2 * z)], [-0.5, -0.5]])
+    torch.testing.assert_close(out.advantages, expected)
+    # all-equal entropy: std 0 -> 1, z = 0: plain GRPO
+    same = _inputs([1, 0], [0, 0], entropies=torch.ones(2, 3))
+    torch.testing.assert_close(
+        ADVANTAGES.build("aepo")(same).advantages, ADVANTAGES.build("grpo")(same).advantages
+    )
+
+
+def test_hapo_token_level_group_average():
+    mask = torch.zeros(5, 27)
+    mask[0, :3], mask[1, :1], mask[2, :2], mask[3, :1], mask[4, :26] = 1, 1, 1, 1, 1
+    out = ADVANTAGES.build("hapo")(_inputs([1, 0, 2, 1, 0], [0, 0, 1, 2, 2], loss_mask=mask))
+    # group 0, lengths [3, 1]: mu = 3/4, biased token var (3 * 1/16 + 9/16) / 4 = 3/16 -> sigma .4330
+    #   A = [.25, -.75] / .4330 = [.5774, -1.7321]
+    # group 1: one sample -> GRPO: A = R = 2
+    # group 2, lengths [1, 26]: p = 1/27, A_0 = sqrt(26) = 5.099 >= 5 -> GRPO fallback [.7071, -.7071]
+    expected = torch.tensor([0.577350, -1.732051, 2.0, 0.707107, -0.707107])
+    torch.testing.assert_close(_per_sample(out), expected, atol=1e-5, rtol=0)
+    assert out.metrics["adv/hapo_fallback_frac"] == pytest.approx(3 / 5)
+    equal = ADVANTAGES.build("hapo")(_inputs([0.5, 0.5], [0, 0]))
+    assert torch.count_nonzero(equal.advantages) == 0
+
+
 def test_every_estimator_masking_invariant():
-    """Values/rewards at masked positions change no advantage."""
+    """Values/rewards/entropies at masked positions change no advantage."""
     g = torch.Generator().manual_seed(0)
     mask = (torch.rand(4, 5, generator=g) > 0.3).float()
     mask[:, 0] = 1
@@ -170,17 +295,21 @@ def test_every_estimator_masking_invariant():
         return _inputs(
             [1, 0, 2, 1],
             [0, 0, 1, 1],
-            traj_ids=[0, 0, 1, 2],
+            traj_ids=[0, 1, 2, 3],
             loss_mask=mask,
             values=where(base),
             token_rewards=where(base.flip(1)),
-            turn_idx=torch.tensor([0, 1, 0, 0]),
+            entropies=where(base + 0.1).abs(),
+            turn_idx=torch.tensor([0, 0, 0, 0]),
             step_rewards=torch.tensor([0.0, 1.0, 2.0, 1.0]),
             anchor_keys=[1, 2, 1, 1],
+            parent_ids=torch.tensor([-1, 0, -1, 2]),
+            fork_positions=torch.tensor([0, 2, 0, 1]),
         )
 
     for name in ADVANTAGES.names():
-        fn = ADVANTAGES.build(name)
-        a, b = fn(make(0.0)), fn(make(100.0))
-        torch.testing.assert_close(a.advantages, b.advantages, msg=name)
-        assert (a.advantages[mask == 0] == 0).all(), name
+        for params in [{}, {"attribution": "hard", "dedup_prefix": True}] if name == "grpo_tree" else [{}]:
+            fn = ADVANTAGES.build(name, params)
+            a, b = fn(make(0.0)), fn(make(100.0))
+            torch.testing.assert_close(a.advantages, b.advantages, msg=name)
+            assert (a.advantages[mask == 0] == 0).all(), name

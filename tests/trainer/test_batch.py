@@ -135,15 +135,6 @@ def test_shared_prompt_runs_once():
 # -- every layout == each sample alone, through a real model ----------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model on 2 shared cores: OpenMP threads cost far more than they save."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_llama():
     return build_tiny_llama(VOCAB, seed=0).eval()

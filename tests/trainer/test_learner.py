@@ -24,15 +24,6 @@ LR = 1e-3
 BASE = [f"learner.lr={LR}", "learner.threads=1", "learner.micro_batch_tokens=4096"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model on 2 shared cores: OpenMP threads cost far more than they save."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama-learner")
