@@ -1,7 +1,7 @@
 """Every YAML under configs/ loads and validates; bad configs fail naming the key to change.
 
 A file holds deltas over the dataclass defaults (trainer/config.py), so partial presets such as
-configs/algo/*.yaml load the same way. Loading covers unknown keys and types (OmegaConf) and the
+configs/algo/*.yaml load the same way, and may build on other files (`defaults: [...]`). Loading covers unknown keys and types (OmegaConf) and the
 cross-field checks of `finalize`; the names and params of the registered loss, advantage and
 aggregation are checked against their registries here, as the learner would at build time.
 
@@ -27,12 +27,82 @@ def test_there_are_configs():
 def test_config_loads_and_names_registered_parts(path):
     from trainer.advantages import ADVANTAGES
     from trainer.aggregation import AGGREGATIONS
-    from trainer.losses import POLICY_LOSSES
+    from trainer.losses import POLICY_LOSSES, TOKEN_WEIGHTS
+    from trainer.regularizers import REGULARIZERS
 
     cfg = load(path)
     POLICY_LOSSES.build(cfg.algo.loss.name, cfg.algo.loss.params)
     ADVANTAGES.build(cfg.algo.advantage.name, cfg.algo.advantage.params)
+    for reg in cfg.algo.regularizers:
+        REGULARIZERS.build(reg.name, reg.params)
+    if cfg.algo.token_weights.name:
+        TOKEN_WEIGHTS.build(cfg.algo.token_weights.name, cfg.algo.token_weights.params)
     assert cfg.algo.aggregation.mode in AGGREGATIONS, f"unknown aggregation {cfg.algo.aggregation.mode!r}"
+
+
+ALGO_PRESETS = (
+    "grpo dr_grpo dapo rloo reinforce_pp gspo ppo gigpo clip_cov kl_cov forking_tokens_80_20 aent epo aepo empg"
+).split()
+
+
+def test_every_algorithm_has_a_preset_that_only_sets_algo_and_learner():
+    from omegaconf import OmegaConf
+
+    for name in ALGO_PRESETS:
+        path = ROOT / "configs" / "algo" / f"{name}.yaml"
+        assert path.is_file(), f"missing preset {path.name}"
+        text = path.read_text()
+        assert "arXiv" in text and "entrorl train" in text, (
+            f"{path.name}: header needs the paper and the command"
+        )
+        assert set(OmegaConf.load(path)) <= {"defaults", "algo", "learner"}, path.name
+
+
+def test_unknown_parts_fail_listing_the_valid_names():
+    with pytest.raises(ConfigError, match=r"algo\.regularizers\[0\].*entropy_bonus, epo"):
+        load(None, ["algo.regularizers=[{name: entropy_bonu}]"])
+    with pytest.raises(ConfigError, match=r"algo\.regularizers\[0\].*valid params: coef"):
+        load(None, ["algo.regularizers=[{name: kl, params: {cof: 1.0}}]"])
+    with pytest.raises(ConfigError, match=r"algo\.token_weights.*steer"):
+        load(None, ["algo.token_weights.name=ster"])
+    with pytest.raises(ConfigError, match=r"algo\.loss.*ppo_clip"):
+        load(None, ["algo.loss.name=ppo"])
+    with pytest.raises(ConfigError, match="algo.stats_scope"):
+        load(None, ["algo.stats_scope=mini_batch"])
+    with pytest.raises(ConfigError, match="algo.forking_tokens"):
+        load(None, ["algo.forking_tokens=20"])
+
+
+def test_auto_aggregation_follows_the_loss_flag():
+    assert load(None).algo.aggregation.mode == "token-mean"
+    assert load(None, ["algo.loss.name=gspo"]).algo.aggregation.mode == "seq-mean-token-mean"
+    explicit = ["algo.loss.name=gspo", "algo.aggregation.mode=token-mean"]
+    assert load(None, explicit).algo.aggregation.mode == "token-mean"
+
+
+def test_defaults_compose_files_in_order(tmp_path):
+    preset = load(ROOT / "configs" / "algo" / "forking_tokens_80_20.yaml")
+    assert preset.algo.forking_tokens == 0.2
+    assert preset.algo.loss.params["clip_high"] == 0.28  # from dapo.yaml, its `defaults`
+
+    experiment = tmp_path / "experiments" / "x.yaml"
+    experiment.parent.mkdir()
+    (tmp_path / "base.yaml").write_text("# base\ntrain: {steps: 3, tasks_per_step: 2}\n")
+    algo = (ROOT / "configs" / "algo" / "epo.yaml").as_posix()
+    experiment.write_text(f"# x\ndefaults: [../base.yaml, {algo}]\ntrain: {{steps: 5}}\n")
+    cfg = load(experiment, ["algo.group_size=2"])
+    assert (cfg.train.steps, cfg.train.tasks_per_step, cfg.algo.group_size) == (5, 2, 2)
+    assert [r.name for r in cfg.algo.regularizers] == ["epo", "kl"]
+
+
+def test_defaults_errors_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("defaults: [b.yaml]\n")
+    (tmp_path / "b.yaml").write_text("defaults: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("defaults: [missing.yaml]\n")
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load(tmp_path / "c.yaml")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(ROOT).as_posix())

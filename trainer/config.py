@@ -1,7 +1,14 @@
 """The run config: dataclass defaults are the source of truth; YAML files hold only deltas.
 
 `load(path, overrides)` merges defaults <- YAML <- `key=value` overrides with OmegaConf, rejects
-unknown keys and wrong types (naming the key), then `finalize` derives sizes and checks they fit.
+unknown keys and wrong types (naming the key), then `finalize` derives sizes and checks they fit
+and that every named part (advantage, loss, regularisers, token weighting, aggregation) is
+registered with valid params.
+
+A YAML file may start with `defaults: [other.yaml, ...]` (paths relative to that file): those
+files are merged first, in order (recursively), then the file itself, so an experiment can be
+`defaults: [../algo/dapo.yaml]` plus its own deltas. Lists are replaced, not concatenated: a
+file that sets `algo.regularizers` replaces the whole list of the files it builds on.
 """
 
 from __future__ import annotations
@@ -48,16 +55,48 @@ class NamedConfig:
 
 @dataclass
 class AggregationConfig:
-    mode: str = "token-mean"
+    # "auto": the policy loss's registry flag `aggregation` (gspo: seq-mean-token-mean), else
+    # token-mean; resolved by `finalize`. Any mode of trainer/aggregation.py may be named instead.
+    mode: str = "auto"
     loss_scale_factor: float | None = None  # seq-mean-token-sum-norm (Dr.GRPO): a constant length
 
 
 @dataclass
 class AlgoConfig:
+    """What the update optimises: advantage estimator, policy loss, regularisers, token hooks.
+
+    regularizers:   loss terms added to the policy loss, each `{name, params}` from
+                    `trainer/regularizers.py` (entropy_bonus, kl, aent, epo, siren, ...). Each is
+                    aggregated with its registry flag `aggregation` if it has one (siren), else
+                    with `aggregation.mode`, over the FULL loss mask; a regulariser with a
+                    controller (aent, epo, adaptive kl, siren) gets its coefficient/reference
+                    from it, updated once per RL step.
+    token_weights:  a `TOKEN_WEIGHTS` hook (name "" = none; "steer") multiplying the policy loss.
+    forking_tokens: the 80/20 rule (Wang et al., arXiv 2506.01939): train the policy loss only on
+                    this top fraction of tokens by entropy (0.2 in the paper; 0 = off). The
+                    policy term's token-mean then divides by the selected count; regularisers
+                    keep the full mask.
+    stats_scope:    where batch statistics are taken. "micro_batch" (the reference codes'
+                    behaviour, the default): over each micro-batch. "global": over the whole
+                    mini-batch on every rank (all-gathered); costs one extra no-grad forward pass
+                    per mini-batch. Only the forking-token threshold honours "global" for now;
+                    every other batch statistic is micro-batch-only: Clip-Cov/KL-Cov covariance
+                    and top-k, the AEPO loss's entropy z-score, HAPO's entropy quantile, STEER's
+                    max |Omega|, BAPO with scope="batch" (its scope="step" reduces over the
+                    whole step through its controller).
+    skip_zero_advantage: skip the compute of samples whose every advantage is 0. Exact only for
+                    losses that are 0 at A = 0 with nothing else in the update, so it turns itself
+                    off when any regulariser, token weighting or forking-token mask is set.
+    """
+
     group_size: int = 4  # episodes per task, same initial state
     advantage: NamedConfig = field(default_factory=lambda: NamedConfig("grpo"))
     loss: NamedConfig = field(default_factory=lambda: NamedConfig("ppo_clip"))
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    regularizers: list[NamedConfig] = field(default_factory=list)
+    token_weights: NamedConfig = field(default_factory=NamedConfig)  # name "" = none
+    forking_tokens: float = 0.0  # top entropy ratio kept in the policy loss; 0 = off
+    stats_scope: str = "micro_batch"  # micro_batch | global (see above)
     skip_zero_advantage: bool = True  # skip compute for samples whose every advantage is 0 (exact)
 
 
@@ -107,13 +146,17 @@ class ConfigError(ValueError):
     pass
 
 
+STATS_SCOPES = ("micro_batch", "global")
+
+
 def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults <- YAML file <- `key=value` overrides; errors name the key and the fix."""
+    """Defaults <- YAML file (after its `defaults:` files) <- `key=value` overrides; errors name
+    the key and the fix."""
     schema = OmegaConf.structured(Config)
     layers = [schema]
     try:
         if path is not None:
-            layers.append(OmegaConf.load(path))
+            layers += _file_layers(Path(path), ())
         layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged: DictConfig = OmegaConf.merge(*layers)
         cfg: Config = OmegaConf.to_object(merged)
@@ -122,6 +165,64 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"config key {key}: {getattr(exc, 'msg', exc)}") from None
     finalize(cfg)
     return cfg
+
+
+def _file_layers(path: Path, seen: tuple[Path, ...]) -> list[DictConfig]:
+    """The YAML at `path` as merge layers: its `defaults:` files first (recursively), then itself."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"`defaults:` cycle: {chain}")
+    node = OmegaConf.load(path)
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections, got a list")
+    layers: list[DictConfig] = []
+    if "defaults" in node:
+        bases = node.pop("defaults")
+        if isinstance(bases, str):
+            bases = [bases]
+        if not OmegaConf.is_list(bases) and not isinstance(bases, list):
+            raise ConfigError(f"{path}: `defaults` must be a list of YAML paths relative to this file")
+        for base in bases:
+            base_path = path.parent / str(base)
+            if not base_path.is_file():
+                raise ConfigError(f"{path}: `defaults` entry {str(base)!r} not found (looked at {base_path})")
+            layers += _file_layers(base_path, (*seen, path))
+    return [*layers, node]
+
+
+def _check_named_parts(cfg: Config) -> None:
+    """Every named part exists in its registry and its params are valid (messages list the valid
+    names/keys); resolves aggregation.mode "auto"."""
+    from trainer.advantages import ADVANTAGES
+    from trainer.aggregation import AGGREGATIONS
+    from trainer.losses import POLICY_LOSSES, TOKEN_WEIGHTS
+    from trainer.regularizers import REGULARIZERS
+
+    algo = cfg.algo
+    parts = [("algo.advantage", ADVANTAGES, algo.advantage), ("algo.loss", POLICY_LOSSES, algo.loss)]
+    parts += [(f"algo.regularizers[{i}]", REGULARIZERS, reg) for i, reg in enumerate(algo.regularizers)]
+    if algo.token_weights.name:
+        parts.append(("algo.token_weights", TOKEN_WEIGHTS, algo.token_weights))
+    elif algo.token_weights.params:
+        raise ConfigError("algo.token_weights.params is set but algo.token_weights.name is empty")
+    for key, registry, named in parts:
+        try:
+            registry.make_params(named.name, named.params)
+        except (KeyError, TypeError, ValueError) as exc:
+            message = exc.args[0] if exc.args else exc
+            raise ConfigError(f"{key}: {message}") from None
+    if algo.aggregation.mode == "auto":
+        algo.aggregation.mode = POLICY_LOSSES.get(algo.loss.name).flags.get("aggregation", "token-mean")
+    if algo.aggregation.mode not in AGGREGATIONS:
+        raise ConfigError(
+            f"algo.aggregation.mode={algo.aggregation.mode!r}: use auto or one of {', '.join(AGGREGATIONS.names())}"
+        )
+    if algo.aggregation.mode == "seq-mean-token-sum-norm" and algo.aggregation.loss_scale_factor is None:
+        raise ConfigError(
+            "algo.aggregation.mode=seq-mean-token-sum-norm needs algo.aggregation.loss_scale_factor "
+            "(a constant length, e.g. ${rollout.max_new_tokens})"
+        )
 
 
 def finalize(cfg: Config) -> None:
@@ -142,6 +243,14 @@ def finalize(cfg: Config) -> None:
         ),
         (len(cfg.env.train.seeds) == 2, "env.train.seeds must be a [start, stop) pair"),
         (len(cfg.env.eval.seeds) == 2, "env.eval.seeds must be a [start, stop) pair"),
+        (
+            0.0 <= cfg.algo.forking_tokens <= 1.0,
+            f"algo.forking_tokens={cfg.algo.forking_tokens}: a fraction in [0, 1] (0.2 = the 80/20 rule, 0 = off)",
+        ),
+        (
+            cfg.algo.stats_scope in STATS_SCOPES,
+            f"algo.stats_scope={cfg.algo.stats_scope!r}: use one of {', '.join(STATS_SCOPES)}",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -151,6 +260,7 @@ def finalize(cfg: Config) -> None:
             f"train.tasks_per_step={cfg.train.tasks_per_step} is not divisible by learner.mini_batches="
             f"{cfg.learner.mini_batches}: groups must stay whole in a mini-batch"
         )
+    _check_named_parts(cfg)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -21,17 +21,14 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from trainer.losses import (
-    POLICY_LOSSES,
+from trainer.losses import POLICY_LOSSES, BAPOParams, bapo_grid, bapo_search
+from trainer.regularizers import (
     REGULARIZERS,
     AEntParams,
-    BAPOParams,
     EPOParams,
     KLParams,
     SIRENParams,
     TemperatureReinforceParams,
-    bapo_grid,
-    bapo_search,
 )
 from trainer.sampling import select_reinforce_samples, switch_temperature
 

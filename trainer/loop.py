@@ -102,6 +102,7 @@ class Trainer:
         advantages, adv_metrics = compute_advantages(result.samples, cfg)
         t_adv = time.perf_counter()
         update_metrics = self.learner.update(result.samples, advantages)
+        update_metrics.update(self._update_controllers())
         t_update = time.perf_counter()
         self.engine.load_weights(self.learner.named_weights())
         t_sync = time.perf_counter()
@@ -115,6 +116,20 @@ class Trainer:
             }
         )
         return _mean_over_ranks(metrics)
+
+    def _update_controllers(self) -> dict[str, float]:
+        """Advance every loss-term controller with the step's statistics (already reduced over
+        micro-batches and ranks, so every rank makes the same update); log their new values."""
+        stats = self.learner.controller_stats
+        metrics: dict[str, float] = {}
+        if not stats:  # nothing was trained this step
+            return metrics
+        for name, controller in self.learner.controllers.items():
+            controller.update(stats)
+            for key, value in controller.loss_kwargs().items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    metrics[f"ctrl/{name}/{key}"] = float(value)
+        return metrics
 
     def evaluate(self, step: int) -> dict[str, float]:
         cfg = self.cfg

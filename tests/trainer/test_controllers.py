@@ -4,7 +4,8 @@ Run: pytest tests/trainer/test_controllers.py (AEnt/EPO/KL controllers are in te
 import pytest
 
 from trainer.controllers import BAPOController, SIRENController, TemperatureSwitchController, make_controller
-from trainer.losses import POLICY_LOSSES, REGULARIZERS
+from trainer.losses import POLICY_LOSSES
+from trainer.regularizers import REGULARIZERS
 
 
 def _bapo_stats(neg, pos):

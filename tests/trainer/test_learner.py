@@ -11,6 +11,8 @@ Run: DS_ACCELERATOR=cpu .venv/bin/python -m pytest tests/trainer/test_learner.py
 (the first DeepSpeed learner on a machine JIT-builds its CPU comm op once, ~2 minutes).
 """
 
+import math
+
 import pytest
 import torch
 
@@ -167,3 +169,139 @@ def test_named_weights_make_an_engine_equal_to_the_learner(updated, smol_tokeniz
         torch.testing.assert_close(
             engine.model(input_ids=ids).logits, learner.engine.module(input_ids=ids).logits
         )
+
+
+# -- loss terms beyond the policy loss ----------------------------------------------------------
+
+ENTROPY_BONUS = "algo.regularizers=[{name: entropy_bonus, params: {coef: 0.5}}]"
+
+
+def make_learner(model_dir, *overrides: str):
+    from trainer.learner.deepspeed import DeepSpeedLearner
+
+    return DeepSpeedLearner(load(None, BASE + list(overrides)), model_dir)
+
+
+def entropy_rows(model, samples) -> torch.Tensor:
+    """[B, T] full-vocabulary entropy at each sampled response token, each sample run alone."""
+    width = max(len(s.response_ids) for s in samples)
+    out = torch.zeros(len(samples), width)
+    with torch.no_grad():
+        for row, s in enumerate(samples):
+            logits = model(input_ids=torch.tensor([s.prompt_ids + s.response_ids]), use_cache=False).logits[0]
+            p, n = len(s.prompt_ids), len(s.response_ids)
+            logp = logits[p - 1 : p - 1 + n].log_softmax(-1)
+            out[row, :n] = -(logp.exp() * logp).sum(-1) * torch.tensor(s.loss_mask, dtype=torch.float)
+    return out
+
+
+def test_entropy_is_computed_when_only_a_regulariser_needs_it(updated, initial):
+    plain, plain_metrics = updated("learner.packing=false")
+    bonus, metrics = updated("learner.packing=false", ENTROPY_BONUS)
+    assert "entropy" not in plain.needs and "entropy/learner_mean" not in plain_metrics
+    assert plain.ref_model is None  # no KL term: no reference copy
+    assert "entropy" in bonus.needs and metrics["entropy/mean"] > 0
+    # a regulariser is not zero at A = 0: the all-zero group is trained, not skipped
+    assert metrics["learner/skipped_samples"] == 0.0
+    assert metrics["loss/entropy_bonus"] == pytest.approx(-0.5 * metrics["entropy/mean"], rel=1e-4)
+    assert metrics["loss/total"] == pytest.approx(
+        metrics["loss/policy"] + metrics["loss/entropy_bonus"], rel=1e-5
+    )
+    assert metrics["loss/policy"] == pytest.approx(plain_metrics["loss/policy"], rel=1e-5, abs=1e-7)
+    moved = max(
+        float((w - p).abs().max())
+        for w, p in zip(params_of(bonus).values(), params_of(plain).values(), strict=True)
+    )
+    assert moved > LR * 0.1, "the entropy bonus did not change the update"
+
+
+@pytest.mark.parametrize("coef", [1.0, -1.0])
+def test_entropy_bonus_sign_moves_the_policy_entropy(model_dir, coef):
+    samples, advantages = fixed_batch(zero_groups=(0, 1, 2))  # A = 0: only the regulariser acts
+    learner = make_learner(
+        model_dir, f"algo.regularizers=[{{name: entropy_bonus, params: {{coef: {coef}}}}}]"
+    )
+    before = entropy_rows(learner.engine.module, samples)
+    for _ in range(3):
+        learner.update(samples, advantages)
+    after = entropy_rows(learner.engine.module, samples)
+    mask = padded([torch.tensor(s.loss_mask, dtype=torch.float) for s in samples], before.shape[1])
+    change = float(((after - before) * mask).sum() / mask.sum())
+    assert change * coef > 1e-4, f"coef {coef}: mean entropy changed by {change}"
+
+
+def test_kl_to_the_reference_is_zero_before_the_first_step_and_positive_after(model_dir):
+    learner = make_learner(model_dir, "algo.regularizers=[{name: kl, params: {coef: 0.1}}]")
+    assert "ref_logprobs" in learner.needs and "entropy" not in learner.needs
+    assert learner.ref_model is not None and not learner.ref_model.training
+    assert not any(p.requires_grad for p in learner.ref_model.parameters())
+    samples, advantages = fixed_batch()
+    first = learner.update(samples, advantages)
+    second = learner.update(samples, advantages)
+    assert first["loss/kl_ref"] == pytest.approx(0.0, abs=1e-7)
+    assert first["loss/kl"] == pytest.approx(0.0, abs=1e-7)
+    assert second["loss/kl_ref"] > 1e-6 and second["loss/kl"] == pytest.approx(
+        0.1 * second["loss/kl_ref"], rel=1e-4
+    )
+
+
+def test_forking_tokens_keep_the_top_fifth_by_entropy_in_the_policy_loss(updated, initial, model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from trainer.losses import forking_token_mask
+
+    learner, metrics = updated("learner.packing=false", "algo.forking_tokens=0.2")
+    samples, advantages = fixed_batch()
+    n = sum(s.num_sampled_tokens for s in samples)
+    assert metrics["loss/selected_frac"] == pytest.approx(math.ceil(0.2 * n) / n)  # one micro-batch
+    assert metrics["learner/skipped_samples"] == 0.0
+    # on-policy, ppo_clip is -A per token: the policy term is -sum(A over the selected) / selected
+    entropy = entropy_rows(AutoModelForCausalLM.from_pretrained(model_dir), samples)
+    loss_mask = padded([torch.tensor(s.loss_mask, dtype=torch.float) for s in samples], entropy.shape[1])
+    selected = forking_token_mask(entropy, loss_mask, 0.2)
+    adv = padded(advantages, entropy.shape[1])
+    expected = float(-(adv * selected).sum() / selected.sum())
+    assert metrics["loss/policy"] == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    assert abs(expected - float(-(adv * loss_mask).sum() / loss_mask.sum())) > 1e-3  # the mask matters
+
+
+def test_global_forking_threshold_does_not_depend_on_the_micro_batches(updated, initial):
+    forking = ("algo.forking_tokens=0.2",)
+    one_micro, one = updated("learner.packing=false", *forking, "algo.stats_scope=global")
+    split = ("learner.micro_batch_tokens=1", "learner.share_prefix=false")
+    many_micro, many = updated(*split, *forking, "algo.stats_scope=global")
+    assert many["loss/selected_frac"] == one["loss/selected_frac"]
+    assert many["loss/policy"] == pytest.approx(one["loss/policy"], rel=1e-4, abs=1e-7)
+    assert_same_update(one_micro, many_micro, initial)
+    # one micro-batch: the global threshold selects what the micro-batch top-k selects
+    _, local = updated("learner.packing=false", *forking)
+    assert local["loss/policy"] == pytest.approx(one["loss/policy"], rel=1e-5, abs=1e-7)
+    # micro-batch scope: each of the 6 micro-batches keeps at least one token
+    _, per_micro = updated(*split, *forking)
+    assert per_micro["loss/selected_frac"] > one["loss/selected_frac"]
+
+
+def test_controllers_are_updated_with_the_steps_reduced_statistics(model_dir):
+    from types import SimpleNamespace
+
+    from trainer.loop import Trainer
+
+    regs = "algo.regularizers=[{name: epo}, {name: aent, params: {adaptive: true, entropy_low: 10.0}}]"
+    learner = make_learner(model_dir, regs)
+    assert set(learner.controllers) == {"epo", "aent"}
+    assert {"entropy", "clamped_entropy"} <= learner.needs
+    metrics = learner.update(*fixed_batch())
+    stats = learner.controller_stats
+    assert stats["batch/num_samples"] == 6.0
+    assert stats["entropy/mean"] == pytest.approx(metrics["entropy/mean"], rel=1e-6)  # one micro-batch
+    assert 0 < stats["entropy/clamped_mean"] < stats["entropy/mean"]
+    logged = Trainer._update_controllers(SimpleNamespace(learner=learner))  # what the loop runs
+    extra = learner.state_dict_extra()["controllers"]
+    assert extra["epo"]["history"] == [pytest.approx(stats["entropy/mean"])]
+    assert extra["aent"]["step"] == 1 and extra["aent"]["coef"] > 1e-3  # entropy below the band: c rises
+    assert logged["ctrl/aent/coef"] == extra["aent"]["coef"] and logged["ctrl/epo/entropy_ref"] > 0
+
+
+def test_terms_the_learner_cannot_feed_fail_at_build(model_dir):
+    with pytest.raises(ValueError, match="reinforce_mask"):
+        make_learner(model_dir, "algo.regularizers=[{name: temperature_reinforce}]")

@@ -9,7 +9,6 @@ import torch
 from trainer.controllers import AdaptiveKLController, AEntController, EPOController, make_controller
 from trainer.losses import (
     POLICY_LOSSES,
-    REGULARIZERS,
     TOKEN_WEIGHTS,
     LossInputs,
     bapo_contributions,
@@ -17,10 +16,9 @@ from trainer.losses import (
     bapo_search,
     forking_token_mask,
     hapo_entropy_signal,
-    kl_estimate,
-    top_p_entropy_from_logits,
     with_token_weights,
 )
+from trainer.regularizers import REGULARIZERS, kl_estimate, top_p_entropy_from_logits
 
 LOG = math.log
 

@@ -11,7 +11,8 @@ import torch
 from trainer.advantages import ADVANTAGES, AdvantageInputs
 from trainer.aggregation import AGGREGATIONS
 from trainer.controllers import make_controller
-from trainer.losses import POLICY_LOSSES, REGULARIZERS, TOKEN_WEIGHTS, LossInputs
+from trainer.losses import POLICY_LOSSES, TOKEN_WEIGHTS, LossInputs
+from trainer.regularizers import REGULARIZERS
 
 B, T = 4, 5
 GRAD_FIELDS = ("logprobs", "entropy", "clamped_entropy", "top_p_entropy")

@@ -1,36 +1,97 @@
 """The learner: one DeepSpeed engine that turns packed micro-batches into optimizer steps.
 
 The only module that imports deepspeed. It knows the model and the optimizer; the math comes from
-the registries (`trainer/losses.py`, `trainer/aggregation.py`, `trainer/logprobs.py`).
+the registries (`trainer/losses.py`, `trainer/regularizers.py`, `trainer/aggregation.py`,
+`trainer/logprobs.py`).
 
 One update = every micro-batch of every mini-batch: forward (packed, no padding), logprobs of
-sampled tokens only, the registered policy loss, aggregation with GLOBAL token/sequence counts
-(so the gradient does not depend on how samples were split into micro-batches or ranks),
-backward, and one optimizer step per mini-batch.
+sampled tokens only, the registered policy loss and regularisers, each aggregated with GLOBAL
+token/sequence counts (so the gradient does not depend on how samples were split into
+micro-batches or ranks), summed, backward, and one optimizer step per mini-batch.
+
+What is computed follows the union of the configured terms' `needs` (algorithms.md §8.1, never
+a coefficient): exact entropy ("entropy"; differentiable, since regularisers use its gradient;
+policy losses and token weights get it detached), AEnt's clamped entropy, SIREN's top-p
+entropy, and the log-probs of a frozen reference model ("ref_logprobs": a second copy of the
+initial weights, eval mode, no grad, built only then). The 80/20 forking-token mask
+(`algo.forking_tokens`) is the loss mask of the policy term only; regularisers keep the full
+mask. Cross-step state lives in controllers (`self.controllers`): the learner reduces the step's
+metrics over micro-batches and ranks into `self.controller_stats`, and the loop calls
+`ctrl.update(stats)` after each step; `state_dict_extra()` is their checkpointable state.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 from agents.types import Trajectory
 from trainer.aggregation import aggregate
 from trainer.batch import MicroBatch, make_micro_batch, plan_by_prompt
 from trainer.config import Config
-from trainer.logprobs import logprobs_and_entropy_from_hidden
-from trainer.losses import POLICY_LOSSES, LossInputs, masked_mean
+from trainer.controllers import Controller, make_controller
+from trainer.logprobs import TokenStats, token_stats_from_hidden
+from trainer.losses import (
+    POLICY_LOSSES,
+    TOKEN_WEIGHTS,
+    LossInputs,
+    forking_token_mask,
+    masked_mean,
+    with_token_weights,
+)
+from trainer.regularizers import REGULARIZERS, top_p_entropy_from_logits
 
 # Losses whose per-token loss (and gradient) is exactly 0 where the advantage is 0, so samples
-# with all-zero advantages can be skipped without changing the update.
+# with all-zero advantages can be skipped without changing the update (when nothing else is
+# in the update: see `DeepSpeedLearner._skip_allowed`).
 _ZERO_AT_ZERO_ADVANTAGE = {"ppo_clip", "gspo"}
+# Optional LossInputs the learner can produce; "reinforce_mask" needs a rollout hook not wired yet.
+_SUPPORTED_NEEDS = {
+    "entropy",
+    "clamped_entropy",
+    "top_p_entropy",
+    "ref_logprobs",
+    "rollout_logprobs",
+    "traj_ids",
+}
+_DETACHED_FOR_POLICY = ("entropy", "clamped_entropy", "top_p_entropy")
+_SUMMED_STATS = ("bapo/",)  # controller stats that are sums (BAPO grid sums), not token means
+
+
+@dataclass
+class _Term:
+    """One regulariser: metric key (loss/<key>), built fn, aggregation mode, optional controller."""
+
+    key: str
+    fn: Any
+    mode: str
+    controller: Controller | None
+
+
+@dataclass
+class _Counts:
+    """Global counts of one mini-batch (all micro-batches, all ranks) for the aggregations.
+
+    With the forking-token mask the policy term's token-mean divides by `policy_tokens` (the
+    selected count, as the reference); the seq-mean modes keep `seqs`, so a sequence none of
+    whose tokens was selected still counts (with loss 0) in the policy term's denominator.
+    """
+
+    tokens: int  # sampled tokens (loss_mask == 1)
+    seqs: int  # sequences with at least one sampled token
+    policy_tokens: int  # tokens in the policy term's mask (= tokens without the forking mask)
 
 
 def init_distributed() -> None:
@@ -74,6 +135,7 @@ class DeepSpeedLearner:
             torch.set_num_threads(cfg.learner.threads)
         init_distributed()
         self.cfg = cfg
+        self._build_terms(cfg)  # before the model: a bad term fails fast
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -88,8 +150,92 @@ class DeepSpeedLearner:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config(cfg)
         )
-        self.loss_fn = POLICY_LOSSES.build(cfg.algo.loss.name, cfg.algo.loss.params)
         self.world_size = dist.get_world_size()
+        self.ref_model = self._build_reference(model_path) if "ref_logprobs" in self.needs else None
+        self.controller_stats: dict[str, float] = {}  # the last update's reduced metrics
+        self._stat_sums: dict[str, float] = defaultdict(float)
+        self._stat_weights: dict[str, float] = defaultdict(float)
+
+    # -- what the update computes -----------------------------------------------------------------
+
+    def _build_terms(self, cfg: Config) -> None:
+        algo, steps = cfg.algo, cfg.train.steps
+        self.loss_fn = POLICY_LOSSES.build(algo.loss.name, algo.loss.params)
+        mode = algo.aggregation.mode
+        if mode == "auto":  # a Config that did not go through `finalize`
+            mode = self.loss_fn.flags.get("aggregation", "token-mean")
+        self.policy_mode = mode
+        self.loss_controller = make_controller(
+            algo.loss.name, self.loss_fn.params, total_steps=steps, kind="policy_loss"
+        )
+        names = [reg.name for reg in algo.regularizers]
+        self.regularizers: list[_Term] = []
+        for i, reg in enumerate(algo.regularizers):
+            fn = REGULARIZERS.build(reg.name, reg.params)
+            key = reg.name if names.count(reg.name) == 1 else f"{reg.name}_{i}"
+            controller = make_controller(reg.name, fn.params, total_steps=steps)
+            self.regularizers.append(_Term(key, fn, fn.flags.get("aggregation", mode), controller))
+        name = algo.token_weights.name
+        self.token_weights = TOKEN_WEIGHTS.build(name, algo.token_weights.params) if name else None
+        needs = set(self.loss_fn.needs)
+        for term in self.regularizers:
+            needs |= term.fn.needs
+        if self.token_weights is not None:
+            needs |= self.token_weights.needs
+        if algo.forking_tokens > 0:
+            needs.add("entropy")
+        unsupported = needs - _SUPPORTED_NEEDS
+        if unsupported:
+            raise ValueError(
+                f"the configured loss terms need {sorted(unsupported)}, which the learner cannot "
+                f"provide yet (it provides {sorted(_SUPPORTED_NEEDS)})"
+            )
+        self.needs = frozenset(needs)
+        drop = {term.fn.params.drop_frac for term in self.regularizers if "clamped_entropy" in term.fn.needs}
+        if len(drop) > 1:
+            raise ValueError(
+                f"regularisers ask for clamped entropies with different drop_frac {sorted(drop)}"
+            )
+        self.clamp_drop_frac = drop.pop() if drop else None
+
+    @property
+    def controllers(self) -> dict[str, Controller]:
+        """Every controller of the configured terms by name ("policy" or the regulariser's key)."""
+        found = {"policy": self.loss_controller} if self.loss_controller is not None else {}
+        found.update({t.key: t.controller for t in self.regularizers if t.controller is not None})
+        return found
+
+    def state_dict_extra(self) -> dict[str, Any]:
+        """What a checkpoint needs beyond model and optimizer: the controllers' state."""
+        return {"controllers": {name: c.state_dict() for name, c in self.controllers.items()}}
+
+    def load_state_dict_extra(self, state: dict[str, Any]) -> None:
+        for name, controller in self.controllers.items():
+            controller.load_state_dict(state["controllers"][name])
+
+    def _skip_allowed(self) -> bool:
+        """Skipping all-zero-advantage samples is exact only when the policy loss is 0 at A = 0
+        and nothing else (a regulariser, batch statistics of a token hook) sees those tokens."""
+        algo = self.cfg.algo
+        return (
+            algo.skip_zero_advantage
+            and algo.loss.name in _ZERO_AT_ZERO_ADVANTAGE
+            and not self.regularizers
+            and self.token_weights is None
+            and algo.forking_tokens == 0
+        )
+
+    def _build_reference(self, model_path: str) -> torch.nn.Module:
+        """A frozen copy of the initial weights for KL terms (each rank holds a full copy)."""
+        from transformers import AutoModelForCausalLM
+
+        ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        ref.config.use_cache = False
+        param = next(self.engine.module.parameters())
+        ref.to(device=param.device, dtype=param.dtype)  # the policy's compute dtype: KL 0 at step 0
+        ref.eval()
+        ref.requires_grad_(False)
+        return ref
 
     # -- one update -------------------------------------------------------------------------------
 
@@ -99,14 +245,19 @@ class DeepSpeedLearner:
         started = time.perf_counter()
         micro_totals: dict[str, float] = defaultdict(float)  # summed over micro-batches
         step_totals: dict[str, float] = defaultdict(float)  # summed over optimizer steps
+        self._stat_sums.clear()
+        self._stat_weights.clear()
         for _ in range(self.cfg.learner.epochs):
             for index in _split(len(samples), self.cfg.learner.mini_batches):
                 batch = [samples[i] for i in index]
                 self._mini_batch_step(batch, [advantages[i] for i in index], micro_totals, step_totals)
+        self.controller_stats = self._reduce_stats(len(samples))
         elapsed = time.perf_counter() - started
-        n_micro = max(micro_totals.pop("_micro_batches", 0.0), 1.0)
         n_steps = max(step_totals["learner/optimizer_steps"], 1.0)
-        metrics = {k: v / n_micro for k, v in micro_totals.items() if not k.startswith("_")}
+        # per-token metrics: token-weighted over every micro-batch and rank (see `_add_stats`)
+        metrics = {k: v for k, v in self.controller_stats.items() if k != "batch/num_samples"}
+        # loss terms: exact mini-batch values (summed over micro-batches and ranks), step mean
+        metrics.update({k: v / n_steps for k, v in step_totals.items() if k.startswith("loss/")})
         metrics["learner/grad_norm"] = step_totals["learner/grad_norm"] / n_steps
         metrics["learner/optimizer_steps"] = step_totals["learner/optimizer_steps"]
         metrics["learner/skipped_samples"] = step_totals["learner/skipped_samples"]
@@ -127,9 +278,12 @@ class DeepSpeedLearner:
         step_totals: dict[str, float],
     ) -> None:
         num_tokens, num_seqs = _global_counts(samples)
-        keep = [i for i, s in enumerate(samples) if not self._skippable(s, advantages[i])]
+        skip = self._skip_allowed()
+        keep = [i for i, s in enumerate(samples) if not (skip and _all_zero(s, advantages[i]))]
         step_totals["learner/skipped_samples"] += len(samples) - len(keep)
-        step_totals["sequence_tokens"] += sum(len(samples[i].prompt_ids) + len(samples[i].response_ids) for i in keep)
+        step_totals["sequence_tokens"] += sum(
+            len(samples[i].prompt_ids) + len(samples[i].response_ids) for i in keep
+        )
         learner = self.cfg.learner
         plan = plan_by_prompt(samples, keep, learner.micro_batch_tokens, learner.share_prefix)
         # Every rank must run the same number of backward passes (ZeRO hangs otherwise).
@@ -137,26 +291,47 @@ class DeepSpeedLearner:
         grad_norm = 0.0
         if n_micro == 0:
             return  # every advantage was zero on every rank: no gradient, no optimizer step
+        micros = [
+            make_micro_batch(samples, advantages, idx, learner.packing, learner.share_prefix) for idx in plan
+        ]
+        selections, policy_tokens = self._forking_selection(micros, n_micro, num_tokens)
+        counts = _Counts(num_tokens, num_seqs, policy_tokens)
+        if self.cfg.algo.forking_tokens > 0:
+            step_totals["loss/selected_frac"] += policy_tokens / max(num_tokens, 1)
+        term_keys = ["loss/total", "loss/policy"] + [f"loss/{t.key}" for t in self.regularizers]
+        term_sums = torch.zeros(len(term_keys), dtype=torch.float64)
         for k in range(n_micro):
             self.engine.set_gradient_accumulation_boundary(k == n_micro - 1)
-            if k < len(plan):
-                micro = make_micro_batch(samples, advantages, plan[k], learner.packing, learner.share_prefix)
-                loss, metrics = self._loss(micro, num_tokens, num_seqs)
+            if k < len(micros):
+                micro = micros[k]
+                traj_ids = torch.tensor([samples[i].traj_id for i in micro.sample_index])
+                selection = selections[k] if selections is not None else None
+                loss, terms, metrics, weights = self._loss(micro, counts, traj_ids, selection)
+                term_sums += torch.tensor([terms[key] for key in term_keys], dtype=torch.float64)
+                self._add_stats(metrics, weights)
+                micro_totals["_tokens"] += float(micro.num_tokens)
             else:  # this rank has fewer micro-batches: a zero-loss pass keeps the collectives aligned
-                loss, metrics = self._dummy_loss(), {}
+                loss = self._dummy_loss()
             self.engine.backward(loss)
             if k == n_micro - 1 and learner.zero_stage == 0:  # DeepSpeed records no norm there (fp32)
                 grad_norm = _grad_norm(self.engine.module)
             self.engine.step()
-            for key, value in metrics.items():
-                micro_totals[key] += value
-            micro_totals["_micro_batches"] += 1
+        term_sums = _sum_over_ranks(term_sums)
+        for key, value in zip(term_keys, term_sums.tolist(), strict=True):
+            step_totals[key] += value
         step_totals["learner/grad_norm"] += float(self.engine.get_global_grad_norm() or grad_norm)
         step_totals["learner/optimizer_steps"] += 1
 
-    def _loss(self, micro: MicroBatch, num_tokens: int, num_seqs: int) -> tuple[torch.Tensor, dict[str, float]]:
-        logprobs_flat, entropy_flat = self._token_logprobs(micro, with_entropy=True)
-        logprobs = micro.scatter(logprobs_flat)
+    def _loss(
+        self, micro: MicroBatch, counts: _Counts, traj_ids: torch.Tensor, selection: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, float], dict[str, float], dict[str, float]]:
+        """(scaled loss to backward, {"loss/<term>": this micro-batch's share}, metrics, and the
+        token count each metric is a mean over: the policy term's mask for its own metrics,
+        the full loss mask for the rest)."""
+        stats, top_p = self._token_stats(self.engine.module, micro)
+        logprobs = micro.scatter(stats.logprobs)
+        optional = lambda v: None if v is None else micro.scatter(v)  # noqa: E731
+        ref_logprobs = self._ref_logprobs(micro) if self.ref_model is not None else None
         inputs = LossInputs(
             logprobs=logprobs,
             # On-policy single pass: pi_old is the current policy, so the ratio is exactly 1 and
@@ -165,34 +340,80 @@ class DeepSpeedLearner:
             advantages=micro.advantages,
             loss_mask=micro.loss_mask,
             rollout_logprobs=micro.rollout_logprobs,
-            entropy=micro.scatter(entropy_flat.detach()),
+            ref_logprobs=ref_logprobs,
+            entropy=optional(stats.entropy),
+            clamped_entropy=optional(stats.clamped_entropy),
+            top_p_entropy=optional(top_p),
+            traj_ids=traj_ids,
         )
-        out = self.loss_fn(inputs)
-        loss = aggregate(
-            out.per_token_loss,
-            micro.loss_mask,
-            self.cfg.algo.aggregation.mode,
-            num_tokens=num_tokens,
-            num_seqs=num_seqs,
-            loss_scale_factor=self.cfg.algo.aggregation.loss_scale_factor,
-        )
-        # DeepSpeed averages gradients over ranks; the global counts already normalise.
-        loss = loss * self.world_size
-        metrics = {key: float(value) for key, value in out.metrics.items()}
-        metrics["loss/policy"] = float(loss.detach()) / self.world_size
-        metrics["entropy/learner_mean"] = float(masked_mean(inputs.entropy, micro.loss_mask))
+        metrics: dict[str, float] = {}
+        # The policy term: detached entropies, the forking-token mask, token weights.
+        policy_mask = micro.loss_mask
+        if self.cfg.algo.forking_tokens > 0:
+            if selection is None:  # stats_scope "micro_batch": the top ratio of this micro-batch
+                selection = forking_token_mask(inputs.entropy, micro.loss_mask, self.cfg.algo.forking_tokens)
+            policy_mask = selection
+        detached = {
+            f: getattr(inputs, f).detach() for f in _DETACHED_FOR_POLICY if getattr(inputs, f) is not None
+        }
+        policy_inputs = dataclasses.replace(inputs, loss_mask=policy_mask, **detached)
+        if self.token_weights is not None:
+            weighting = self.token_weights(policy_inputs)
+            policy_inputs = with_token_weights(policy_inputs, weighting.token_weights)
+            metrics.update({k: float(v) for k, v in weighting.metrics.items()})
+        kwargs = self.loss_controller.loss_kwargs() if self.loss_controller is not None else {}
+        out = self.loss_fn(policy_inputs, **kwargs)
+        metrics.update({k: float(v) for k, v in out.metrics.items()})
+        weights = dict.fromkeys(metrics, float((policy_mask > 0).sum()))
+        lsf = self.cfg.algo.aggregation.loss_scale_factor
+        terms = {
+            "loss/policy": aggregate(
+                out.per_token_loss,
+                policy_mask,
+                self.policy_mode,
+                num_tokens=counts.policy_tokens,
+                num_seqs=counts.seqs,
+                loss_scale_factor=lsf,
+            )
+        }
+        for term in self.regularizers:
+            kwargs = term.controller.loss_kwargs() if term.controller is not None else {}
+            reg = term.fn(inputs, **kwargs)
+            metrics.update({k: float(v) for k, v in reg.metrics.items()})
+            terms[f"loss/{term.key}"] = aggregate(
+                reg.per_token_loss,
+                micro.loss_mask,
+                term.mode,
+                num_tokens=counts.tokens,
+                num_seqs=counts.seqs,
+                loss_scale_factor=lsf,
+            )
+        loss = sum(terms.values())
+        values = {key: float(value.detach()) for key, value in terms.items()}
+        values["loss/total"] = float(loss.detach())
+        if inputs.entropy is not None:
+            metrics["entropy/learner_mean"] = float(masked_mean(inputs.entropy.detach(), micro.loss_mask))
         mismatch = (logprobs.detach() - micro.rollout_logprobs).abs()
         metrics["learner/rollout_logprob_diff"] = float(masked_mean(mismatch, micro.loss_mask))
-        metrics["_tokens"] = float(micro.num_tokens)
-        return loss, metrics
+        valid = float((micro.loss_mask > 0).sum())
+        weights.update({k: valid for k in metrics if k not in weights})
+        # DeepSpeed averages gradients over ranks; the global counts already normalise.
+        return loss * self.world_size, values, metrics, weights
 
     def _old_logprobs(self, micro: MicroBatch, logprobs: torch.Tensor) -> torch.Tensor:
         if self.cfg.learner.epochs == 1 and self.cfg.learner.mini_batches == 1:
             return logprobs.detach()
         return micro.rollout_logprobs  # off-policy passes: the behaviour policy's own logprobs
 
-    def _token_logprobs(self, micro: MicroBatch, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        model = self.engine.module
+    def _token_stats(
+        self,
+        model: torch.nn.Module,
+        micro: MicroBatch,
+        *,
+        logprobs_only: bool = False,
+        entropy_only: bool = False,
+    ) -> tuple[TokenStats, torch.Tensor | None]:
+        """Per-target log-probs and whatever entropies the configured terms need ([N] each)."""
         hidden = model.model(
             input_ids=micro.input_ids,
             position_ids=micro.position_ids,
@@ -200,26 +421,113 @@ class DeepSpeedLearner:
             use_cache=False,
         ).last_hidden_state
         targets = hidden.reshape(-1, hidden.shape[-1])[micro.target_positions]
-        return logprobs_and_entropy_from_hidden(
+        weight = model.lm_head.weight
+        temperature = self.cfg.learner.temperature
+        stats = token_stats_from_hidden(
             targets,
-            model.lm_head.weight,
+            weight,
             micro.target_ids,
-            temperature=self.cfg.learner.temperature,
-            with_entropy=with_entropy,
+            temperature=temperature,
+            with_entropy=entropy_only or (not logprobs_only and "entropy" in self.needs),
+            clamp_drop_frac=None if logprobs_only or entropy_only else self.clamp_drop_frac,
         )
+        top_p = None
+        if not (logprobs_only or entropy_only) and "top_p_entropy" in self.needs:
+            top_p = _chunked_top_p_entropy(targets, weight, temperature)
+        return stats, top_p
+
+    @torch.no_grad()
+    def _ref_logprobs(self, micro: MicroBatch) -> torch.Tensor:
+        stats, _ = self._token_stats(self.ref_model, micro, logprobs_only=True)
+        return micro.scatter(stats.logprobs)
+
+    def _forking_selection(
+        self, micros: list[MicroBatch], n_micro: int, num_tokens: int
+    ) -> tuple[list[torch.Tensor] | None, int]:
+        """(per-micro-batch policy masks or None, global count of the policy term's tokens).
+
+        stats_scope="micro_batch": the masks are taken in `_loss` from each micro-batch's own
+        entropies (top k = ceil(ratio * n) of its n sampled tokens, as the reference), so the
+        count is known from the plan. "global": one no-grad pass over the mini-batch gives every
+        token's entropy, all-gathered over ranks; the threshold is the k-th largest of all
+        (k = ceil(ratio * N)), and a token is selected when its entropy is >= it.
+        """
+        ratio = self.cfg.algo.forking_tokens
+        if ratio <= 0:
+            return None, num_tokens
+        if self.cfg.algo.stats_scope == "micro_batch":
+            local = 0
+            for micro in micros:
+                n = int((micro.loss_mask > 0).sum())
+                local += max(1, math.ceil(ratio * n)) if n else 0
+            return None, int(_sum_over_ranks(torch.tensor([float(local)], dtype=torch.float64))[0])
+        entropies = []
+        with torch.no_grad():
+            for k in range(n_micro):
+                if k < len(micros):
+                    stats, _ = self._token_stats(self.engine.module, micros[k], entropy_only=True)
+                    entropies.append(micros[k].scatter(stats.entropy))
+                else:  # same number of forwards on every rank (ZeRO-3 gathers parameters in them)
+                    self._dummy_forward()
+        valid = [e[m.loss_mask > 0] for e, m in zip(entropies, micros, strict=True)]
+        local = torch.cat(valid) if valid else torch.zeros(0)
+        everything = _all_gather_1d(local.double())
+        if everything.numel() == 0:
+            return [torch.zeros_like(m.loss_mask) for m in micros], 0
+        k = max(1, math.ceil(ratio * everything.numel()))
+        threshold = torch.topk(everything, k).values[-1]
+        masks = [
+            forking_token_mask(e.double(), m.loss_mask, threshold=threshold)
+            for e, m in zip(entropies, micros, strict=True)
+        ]
+        count = sum(float(m.sum()) for m in masks)
+        return masks, int(_sum_over_ranks(torch.tensor([count], dtype=torch.float64))[0])
+
+    def _dummy_micro(self) -> MicroBatch:
+        sample = Trajectory([0], [0], [1], [0.0], [0.0], 0.0, 0, 0)
+        return make_micro_batch([sample], [torch.zeros(1)], [0])
+
+    def _dummy_forward(self) -> torch.Tensor:
+        stats, _ = self._token_stats(self.engine.module, self._dummy_micro(), logprobs_only=True)
+        return stats.logprobs
 
     def _dummy_loss(self) -> torch.Tensor:
         """Zero loss through the same forward as a real micro-batch (one token): ZeRO-2 reduces
         gradients in the order they become ready, so another graph would mix up parameters."""
-        sample = Trajectory([0], [0], [1], [0.0], [0.0], 0.0, 0, 0)
-        logprobs, _ = self._token_logprobs(make_micro_batch([sample], [torch.zeros(1)], [0]), with_entropy=False)
-        return logprobs.sum() * 0.0
+        return self._dummy_forward().sum() * 0.0
 
-    def _skippable(self, sample: Trajectory, advantage: torch.Tensor) -> bool:
-        if not self.cfg.algo.skip_zero_advantage or self.cfg.algo.loss.name not in _ZERO_AT_ZERO_ADVANTAGE:
-            return False
-        mask = torch.tensor(sample.loss_mask, dtype=torch.bool)
-        return bool((advantage[: len(mask)][mask] == 0).all())
+    # -- controller statistics --------------------------------------------------------------------
+
+    def _add_stats(self, metrics: dict[str, float], weights: dict[str, float]) -> None:
+        """Accumulate one micro-batch's metrics: means weighted by their token counts, or sums
+        (BAPO grid sums). Reduced over ranks by `_reduce_stats`."""
+        for key, value in metrics.items():
+            summed = key.startswith(_SUMMED_STATS)
+            self._stat_sums[key] += value if summed else value * weights[key]
+            self._stat_weights[key] += 1.0 if summed else weights[key]
+
+    def _reduce_stats(self, num_samples: int) -> dict[str, float]:
+        """The step's metrics over all micro-batches and ranks, identical on every rank."""
+        keys = sorted(self._stat_sums)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(gathered, keys)
+            keys = sorted({k for part in gathered for k in part})
+        values = torch.tensor(
+            [self._stat_sums.get(k, 0.0) for k in keys]
+            + [self._stat_weights.get(k, 0.0) for k in keys]
+            + [float(num_samples)],
+            dtype=torch.float64,
+        )
+        values = _sum_over_ranks(values)
+        if not keys:  # no micro-batch ran anywhere: nothing to update controllers with
+            return {}
+        n = len(keys)
+        stats = {"batch/num_samples": float(values[-1])}
+        for i, key in enumerate(keys):
+            total, weight = float(values[i]), float(values[n + i])
+            stats[key] = total if key.startswith(_SUMMED_STATS) else total / max(weight, 1e-12)
+        return stats
 
     # -- weights ----------------------------------------------------------------------------------
 
@@ -239,6 +547,60 @@ class DeepSpeedLearner:
             self.engine.module.save_pretrained(path, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(path)
+
+
+def _all_zero(sample: Trajectory, advantage: torch.Tensor) -> bool:
+    mask = torch.tensor(sample.loss_mask, dtype=torch.bool)
+    return bool((advantage[: len(mask)][mask] == 0).all())
+
+
+def _chunked_top_p_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, temperature: float, chunk_size: int = 1024
+) -> torch.Tensor:
+    """SIREN's nucleus entropy [N] from target hidden states [N, H], one chunk of logits at a
+    time (checkpointed, so the backward recomputes a chunk's logits too)."""
+
+    def chunk(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return top_p_entropy_from_logits(h @ w.t(), temperature=temperature)
+
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    pieces = [
+        checkpoint(chunk, hidden[s : s + chunk_size], weight, use_reentrant=False)
+        if grad
+        else chunk(hidden[s : s + chunk_size], weight)
+        for s in range(0, hidden.shape[0], chunk_size)
+    ]
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _comm_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    out = values.to(_comm_device())
+    dist.all_reduce(out)
+    return out.cpu()
+
+
+def _all_gather_1d(values: torch.Tensor) -> torch.Tensor:
+    """Concatenation of every rank's 1-D tensor (lengths may differ), in rank order."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    device = _comm_device()
+    size = torch.tensor([values.numel()], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    width = max(int(s) for s in sizes)
+    padded = torch.zeros(width, dtype=values.dtype, device=device)
+    padded[: values.numel()] = values.to(device)
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(n)] for part, n in zip(parts, sizes, strict=True)]).cpu()
 
 
 def _split(n: int, parts: int) -> list[list[int]]:

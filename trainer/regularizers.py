@@ -1,0 +1,257 @@
+"""Regularisers: loss terms added to the policy loss, selected by name from `REGULARIZERS`.
+
+Entropy bonus, KL to a frozen reference, AEnt (clamped entropy), EPO (entropy smoothing), SIREN
+(selective entropy around a self-anchor) and Arbitrary-Entropy PO's temperature REINFORCE term.
+Each takes the same `LossInputs` as the policy losses (`trainer/losses.py`) plus its own params
+dataclass and returns `LossOutput(per_token_loss [B, T], metrics)`, exactly zero where
+`loss_mask == 0`. Cross-step values (a coefficient, a reference entropy, an anchor) arrive as
+keyword arguments from the regulariser's controller (`trainer/controllers.py`):
+`fn(inputs, **controller.loss_kwargs())`.
+
+Each entry declares the inputs it reads in `needs` ("entropy", "clamped_entropy",
+"top_p_entropy", "ref_logprobs", "reinforce_mask"); the learner computes them whenever a
+configured term needs them, and the entropy it passes here is differentiable (these terms use
+its gradient). Flags: `controller` (which controller `make_controller` builds) and
+`aggregation` (a mode the term must be aggregated with, e.g. SIREN's seq-mean-token-mean);
+without the flag a term is aggregated with the policy loss's mode (verl/EPO code; AEnt's paper
+uses token-mean). The math is in research/algorithms.md (section cited per function).
+
+This module knows nothing about models, configs, micro-batching or distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from trainer.losses import LossInputs, LossOutput, _advantages, _finish, masked_mean
+from trainer.registry import Registry
+
+REGULARIZERS = Registry("regularizer")
+
+
+def kl_estimate(
+    logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3", clamp: float | None = 10.0
+) -> Tensor:
+    """Per-token estimate of KL(pi_theta || pi_ref) on samples of pi_theta, algorithms.md §6.1.
+
+    With d = log pi_ref - log pi_theta: k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1 ("low_var_kl",
+    clamped to [-clamp, clamp]). Differentiable w.r.t. logprobs.
+    """
+    diff = ref_logprobs - logprobs
+    if kind == "k1":
+        return -diff
+    if kind == "k2":
+        return 0.5 * diff**2
+    if kind == "k3":
+        kl = torch.exp(diff.clamp(max=20.0)) - diff - 1
+        return kl.clamp(-clamp, clamp) if clamp is not None else kl
+    raise ValueError(f"unknown KL estimator {kind!r}; expected 'k1', 'k2' or 'k3'")
+
+
+def _require(inputs: LossInputs, name: str, term: str) -> Tensor:
+    value = getattr(inputs, name)
+    if value is None:
+        raise ValueError(f"regularizer {term!r} needs LossInputs.{name}")
+    return torch.where(inputs.valid, value, torch.zeros_like(value))
+
+
+@dataclass(frozen=True)
+class EntropyBonusParams:
+    coef: float = 1e-3
+
+
+@REGULARIZERS.register("entropy_bonus", params=EntropyBonusParams, needs={"entropy"})
+def entropy_bonus(inputs: LossInputs, params: EntropyBonusParams, *, coef: float | None = None) -> LossOutput:
+    """Plain entropy bonus: per-token loss -coef * H_t (algorithms.md §0)."""
+    entropy = _require(inputs, "entropy", "entropy_bonus")
+    coef = params.coef if coef is None else coef
+    return _finish(inputs, -coef * entropy, {"entropy/mean": masked_mean(entropy, inputs.loss_mask)})
+
+
+@dataclass(frozen=True)
+class KLParams:
+    coef: float = 1e-3
+    kind: Literal["k1", "k2", "k3"] = "k3"
+    clamp: float | None = 10.0
+    target: float | None = None  # set to adapt coef towards this KL (controllers.AdaptiveKLController)
+    horizon: int = 10000
+
+
+@REGULARIZERS.register("kl", params=KLParams, needs={"ref_logprobs"}, controller="adaptive_kl")
+def kl_penalty(inputs: LossInputs, params: KLParams, *, coef: float | None = None) -> LossOutput:
+    """KL to the reference policy as a loss term: coef * k_t, algorithms.md §6.1."""
+    ref = _require(inputs, "ref_logprobs", "kl")
+    logprobs = torch.where(inputs.valid, inputs.logprobs, torch.zeros_like(inputs.logprobs))
+    kl = kl_estimate(logprobs, ref, params.kind, params.clamp)
+    coef = params.coef if coef is None else coef
+    return _finish(inputs, coef * kl, {"loss/kl_ref": masked_mean(kl, inputs.loss_mask)})
+
+
+@dataclass(frozen=True)
+class AEntParams:
+    coef: float = 1e-3  # c_0
+    drop_frac: float = 0.2  # p: fraction of the vocabulary (smallest logits) removed
+    adaptive: bool = False
+    entropy_low: float = 0.1
+    entropy_high: float = 0.5
+    coef_lr: float = 1e-3  # eta
+    coef_min: float = 1e-5
+    coef_max: float = 1e-2
+    warmup_steps: int = 0
+
+
+@REGULARIZERS.register("aent", params=AEntParams, needs={"clamped_entropy"}, controller="aent")
+def aent(inputs: LossInputs, params: AEntParams, *, coef: float | None = None) -> LossOutput:
+    """AEnt clamped-entropy bonus, algorithms.md §5: per-token loss -c_k * H~_t.
+
+    H~ comes from `logprobs.token_stats_from_hidden(..., clamp_drop_frac=params.drop_frac)`;
+    c_k from `controllers.AEntController` (reads metric "entropy/clamped_mean").
+    """
+    clamped = _require(inputs, "clamped_entropy", "aent")
+    coef = params.coef if coef is None else coef
+    metrics = {"entropy/clamped_mean": masked_mean(clamped, inputs.loss_mask)}
+    return _finish(inputs, -coef * clamped, metrics)
+
+
+@dataclass(frozen=True)
+class EPOParams:
+    coef: float = 1e-3  # lambda
+    alpha: float = 0.1  # penalty weight (0.05 ScienceWorld, 0.1 ALFWorld)
+    kappa_low: float = 0.0
+    kappa_high: float = 2.0
+    gamma: float = 3.0  # beta_k = 1 + exp(-gamma k / floor(K/2))
+    penalty: Literal["hinge", "indicator"] = "hinge"  # paper v2 | released code (no gradient)
+
+
+@REGULARIZERS.register("epo", params=EPOParams, needs={"entropy"}, controller="epo")
+def epo(
+    inputs: LossInputs, params: EPOParams, *, entropy_ref: float | None = None, beta: float = 1.0
+) -> LossOutput:
+    """EPO entropy regulariser, algorithms.md §1: per-token loss -lambda (H - beta alpha P).
+
+    P = [kappa_l Href - H]_+ + [H - kappa_r Href]_+ (hinge, differentiable) or, with
+    penalty="indicator", the released code's constant 1[H <= kappa_l Href or H >= kappa_r Href].
+    Href (cumulative mean of past steps' mean entropy) and beta_k come from
+    `controllers.EPOController`; at step 0 (entropy_ref None) the smoothing term is 0.
+    """
+    entropy = _require(inputs, "entropy", "epo")
+    penalty = torch.zeros_like(entropy)
+    if entropy_ref is not None:
+        low, high = params.kappa_low * entropy_ref, params.kappa_high * entropy_ref
+        if params.penalty == "hinge":
+            penalty = torch.relu(low - entropy) + torch.relu(entropy - high)
+        else:
+            penalty = ((entropy <= low) | (entropy >= high)).to(entropy.dtype).detach()
+    loss = -params.coef * (entropy - beta * params.alpha * penalty)
+    metrics = {
+        "entropy/mean": masked_mean(entropy, inputs.loss_mask),
+        "loss/epo_penalty": masked_mean(penalty, inputs.loss_mask),
+    }
+    return _finish(inputs, loss, metrics)
+
+
+def top_p_entropy_from_logits(
+    logits: Tensor, top_p: float = 0.8, top_k: int = 10000, temperature: float = 1.0
+) -> Tensor:
+    """SIREN nucleus entropy H^p, algorithms.md §7.3: [..., V] -> [...].
+
+    Among the top_k logits, keep the smallest prefix whose full-vocabulary probability mass
+    reaches top_p (the token crossing p is kept), renormalise over it and take the entropy.
+    The nucleus is chosen without gradient; the gradient flows through the kept logits.
+    (Belongs with the kernels in trainer/logprobs.py; the learner computes it when a term
+    needs "top_p_entropy".)
+    """
+    z = (logits.double() if logits.dtype == torch.float64 else logits.float()) / temperature
+    top = torch.topk(z, min(top_k, z.shape[-1]), dim=-1).values  # sorted, descending
+    probs = torch.exp(top - torch.logsumexp(z, dim=-1, keepdim=True)).detach()
+    mass_before = probs.cumsum(-1) - probs
+    keep = mass_before < top_p
+    logp = torch.log_softmax(top.masked_fill(~keep, float("-inf")), dim=-1)
+    return -(logp.exp() * torch.where(keep, logp, torch.zeros_like(logp))).sum(-1)
+
+
+@dataclass(frozen=True)
+class SIRENParams:
+    coef: float = 0.005  # beta
+    peak_quantile: float = 0.8  # keep tokens with H^p >= this quantile of their own response
+    entropy_key: Literal["top_p_entropy", "entropy"] = "top_p_entropy"
+
+
+@REGULARIZERS.register(
+    "siren",
+    params=SIRENParams,
+    needs=lambda p: {p.entropy_key},
+    controller="siren",
+    aggregation="seq-mean-token-mean",
+)
+def siren(inputs: LossInputs, params: SIRENParams, *, entropy_anchor: float | None = None) -> LossOutput:
+    """SIREN self-anchored selective entropy regulariser, algorithms.md §7.3.
+
+    Peak mask: valid tokens whose H^p >= the `peak_quantile` quantile of H^p over their own
+    response (linear interpolation). H_sel = seq-mean-token-mean of H^p over the peak tokens;
+    the term is beta (H_sel - H_anchor)^2, H_anchor from `controllers.SIRENController` (the
+    first step's H_sel; None = this batch's own value, so the term is 0 until anchored).
+    A square of a batch mean is not a sum over tokens, so the per-token matrix is built for
+    the "seq-mean-token-mean" aggregation (flag): l_t = 2 beta d (n_i / s_i) peak_t H_t +
+    sg(beta d^2 - 2 beta d H_sel), d = sg(H_sel) - H_anchor, n_i / s_i valid / peak tokens of
+    row i; aggregated that way it has value beta d^2 and gradient 2 beta d grad H_sel.
+    """
+    entropy = _require(inputs, params.entropy_key, "siren")
+    valid = inputs.valid
+    values = torch.where(valid, entropy.detach(), torch.full_like(entropy, float("nan")))
+    has_valid = valid.any(dim=-1)
+    cut = torch.zeros_like(values[:, 0])
+    if has_valid.any():
+        cut[has_valid] = torch.nanquantile(values[has_valid], params.peak_quantile, dim=-1)
+    peak = valid & (entropy.detach() >= cut[:, None])
+    n_valid, n_peak = valid.sum(-1), peak.sum(-1)
+    rows = n_peak > 0
+    row_mean = torch.where(peak, entropy, torch.zeros_like(entropy)).sum(-1) / n_peak.clamp_min(1)
+    selected = row_mean[rows].sum() / rows.sum().clamp_min(1)
+    d = 0.0 if entropy_anchor is None else selected.detach() - entropy_anchor
+    scale = (n_valid / n_peak.clamp_min(1)).to(entropy.dtype)[:, None]
+    linear = 2 * params.coef * d * scale * torch.where(peak, entropy, torch.zeros_like(entropy))
+    loss = linear
+    if entropy_anchor is not None:
+        loss = loss + (params.coef * d * d - 2 * params.coef * d * selected).detach()
+    metrics = {
+        "entropy/siren_selected": selected.detach(),
+        "entropy/siren_peak_frac": masked_mean(peak.float(), inputs.loss_mask),
+    }
+    return _finish(inputs, loss, metrics)
+
+
+@dataclass(frozen=True)
+class TemperatureReinforceParams:
+    coef: float = 1.0  # alpha
+    entropy_target: float = 0.5  # H_target (0.75 best in the README)
+    temperature_high: float = 1.2
+    temperature_low: float = 0.8
+    max_samples: int = 60
+    adv_threshold: float = 0.05
+
+
+@REGULARIZERS.register(
+    "temperature_reinforce",
+    params=TemperatureReinforceParams,
+    needs={"reinforce_mask"},
+    controller="temperature_switch",
+)
+def temperature_reinforce(inputs: LossInputs, params: TemperatureReinforceParams) -> LossOutput:
+    """Arbitrary-Entropy PO's REINFORCE term, algorithms.md §7.9: l_t = -alpha m_t A_t log pi_t.
+
+    Needs the rollout hook: each step, `controllers.TemperatureSwitchController.temperature`
+    picks T_high or T_low from the previous step's entropy, extra samples are drawn at T,
+    `sampling.select_reinforce_samples` keeps the positive ones with advantage +1, and their
+    tokens are marked in `reinforce_mask` (and left out of the main loss's loss_mask). No
+    importance correction between pi^T and pi, as in the reference.
+    """
+    mask = _require(inputs, "reinforce_mask", "temperature_reinforce")
+    logprobs = torch.where(inputs.valid, inputs.logprobs, torch.zeros_like(inputs.logprobs))
+    loss = -params.coef * mask * _advantages(inputs) * logprobs
+    metrics = {"loss/reinforce_token_frac": masked_mean((mask > 0).float(), inputs.loss_mask)}
+    return _finish(inputs, loss, metrics)
