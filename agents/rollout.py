@@ -8,6 +8,8 @@ fallback action and is counted.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -39,6 +41,8 @@ class _Turn:
     result: GenerationResult
     action: str
     parse_error: str | None
+    anchor_key: str | None = None  # hash of the observation the prompt was built from
+    reward: float = 0.0  # the env reward this turn's action received
 
 
 @dataclass
@@ -144,7 +148,7 @@ class Rollout:
     def _advance(self, ep: _Episode, prompt: list[int], result: GenerationResult) -> None:
         reply = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
         parsed = self.format.parse(reply, ep.obs)
-        ep.turns.append(_Turn(list(prompt), result, parsed.action, parsed.error))
+        ep.turns.append(_Turn(list(prompt), result, parsed.action, parsed.error, anchor_key(ep.obs)))
         ep.parse_errors += parsed.error is not None
         ep.parse_error_streak = ep.parse_error_streak + 1 if parsed.error else 0
         try:
@@ -153,6 +157,7 @@ class Rollout:
             ep.stop_reason, ep.error = "env_error", f"{type(exc).__name__}: {exc}"
             return
         ep.score += float(reward)
+        ep.turns[-1].reward = float(reward)
         ep.won = ep.won or bool(info.get("won", False))
         ep.history.append((ep.obs.text, parsed.action))
         ep.obs = _observation(ep.env, text, info)
@@ -196,6 +201,8 @@ class Rollout:
             "env_id": ep.task.env_id,
             "task": dict(ep.task.reset_options),
             "actions": [t.action for t in ep.turns],
+            "turn_rewards": [t.reward for t in ep.turns],
+            "anchor_keys": [t.anchor_key for t in ep.turns],
             "error": ep.error,
         }
 
@@ -214,6 +221,8 @@ class Rollout:
                     rollout_logprobs=list(t.result.logprobs),
                     entropies=list(t.result.entropies),
                     turn_idx=k,
+                    step_reward=t.reward,
+                    anchor_key=t.anchor_key,
                     turn_spans=[(0, len(t.result.token_ids))],
                     info={**summary, "parse_error": t.parse_error} if k == 0 else {"parse_error": t.parse_error},
                     **common,
@@ -275,6 +284,16 @@ class Rollout:
 def _observation(env: Any, text: str, info: dict) -> Observation:
     task = info.get("objective") or getattr(env, "task", "") or ""
     return Observation(task=task, text=text, choices=info.get("admissible_commands"))
+
+
+def anchor_key(obs: Observation | None) -> str | None:
+    """GiGPO anchor state: a stable hash (same across processes and runs, unlike `hash`) of the
+    raw observation a turn's prompt was built from (objective, text, offered commands), without
+    the history."""
+    if obs is None:
+        return None
+    raw = json.dumps([obs.task, obs.text, obs.choices], ensure_ascii=False)
+    return hashlib.sha1(raw.encode("utf-8")).hexdigest()[:16]
 
 
 def _ends_turn(tokenizer: Any, token_ids: list[int]) -> bool:

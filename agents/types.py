@@ -2,8 +2,10 @@
 
 A `Trajectory` is one training sample. In trajectory mode it is a whole episode (assistant turns
 with `loss_mask = 1`, environment/tool deltas with `loss_mask = 0`); in step-wise mode it is one
-turn (its own prompt, its sampled reply), and `turn_idx` says which. `trainer/batch.py` is the
-only place that turns these into tensors.
+turn (its own prompt, its sampled reply), and `turn_idx` says which; `step_reward` and
+`anchor_key` carry that turn's env reward and observation hash (GiGPO step advantages). In
+trajectory mode the same per-turn data is in `info["turn_rewards"]` / `info["anchor_keys"]`.
+`trainer/batch.py` is the only place that turns these into tensors.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class Trajectory:
     group_id: int  # samples of the same task and initial state share it
     traj_id: int  # one episode; all step-wise samples of an episode share it
     turn_idx: int | None = None  # step-wise mode: which turn this sample is; None = whole episode
+    step_reward: float = 0.0  # step-wise mode: the env reward this turn's action received (GiGPO)
+    anchor_key: str | None = None  # step-wise mode: stable hash of the observation the prompt showed
     turn_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each reply
     parent_id: int | None = None  # branch tree: the episode this one was forked from
     fork_turn: int | None = None

@@ -62,6 +62,18 @@ class AggregationConfig:
 
 
 @dataclass
+class OverlongConfig:
+    """DAPO overlong reward shaping (algorithms.md §6.3): an episode whose generated-token count
+    L exceeds max_len - buffer gets min(-(L - (max_len - buffer)) / buffer * factor, 0) added to
+    its reward (on every step-wise sample of the episode). Paper: 20480 / 4096 / 1.0."""
+
+    enabled: bool = False
+    max_len: int = 20480  # L_max, generated tokens per episode
+    buffer: int = 4096  # L_c
+    factor: float = 1.0  # f: the penalty at L_max
+
+
+@dataclass
 class AlgoConfig:
     """What the update optimises: advantage estimator, policy loss, regularisers, token hooks.
 
@@ -87,6 +99,11 @@ class AlgoConfig:
     skip_zero_advantage: skip the compute of samples whose every advantage is 0. Exact only for
                     losses that are 0 at A = 0 with nothing else in the update, so it turns itself
                     off when any regulariser, token weighting or forking-token mask is set.
+    dynamic_sampling: DAPO (algorithms.md §6.3): drop groups whose episode rewards are all equal
+                    and roll out further tasks (the sampler's next ones) until each rank has its
+                    share of train.tasks_per_step groups, or max_gen_batches rollouts were played;
+                    then train on exactly that share (or what there is at the cap).
+    overlong:       DAPO overlong reward shaping, see `OverlongConfig`.
     """
 
     group_size: int = 4  # episodes per task, same initial state
@@ -98,6 +115,9 @@ class AlgoConfig:
     forking_tokens: float = 0.0  # top entropy ratio kept in the policy loss; 0 = off
     stats_scope: str = "micro_batch"  # micro_batch | global (see above)
     skip_zero_advantage: bool = True  # skip compute for samples whose every advantage is 0 (exact)
+    dynamic_sampling: bool = False  # DAPO: refill groups whose rewards are all equal (see above)
+    max_gen_batches: int = 3  # dynamic sampling: at most this many rollouts per step
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
 
 
 @dataclass

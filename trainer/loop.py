@@ -23,8 +23,9 @@ from agents.tasks import TaskSampler, make_group_tasks, materialise
 from agents.types import Trajectory
 from trainer.advantages import ADVANTAGES, AdvantageInputs
 from trainer.batch import response_tensors
-from trainer.config import Config, to_yaml
+from trainer.config import Config, OverlongConfig, to_yaml
 from trainer.logging import RunLogger
+from trainer.sampling import filter_groups, overlong_penalty
 
 
 def seed_everything(seed: int) -> None:
@@ -44,10 +45,90 @@ def compute_advantages(samples: list[Trajectory], cfg: Config) -> tuple[list[tor
         traj_ids=torch.tensor([s.traj_id for s in samples]),
         loss_mask=loss_mask,
         entropies=entropies,
+        **_turn_inputs(samples),
     )
     out = ADVANTAGES.build(cfg.algo.advantage.name, cfg.algo.advantage.params)(inputs)
     rows = [out.advantages[i, : len(s.response_ids)] for i, s in enumerate(samples)]
     return rows, out.metrics
+
+
+def _turn_inputs(samples: list[Trajectory]) -> dict:
+    """Step-wise samples (every one has a turn_idx): the per-turn inputs GiGPO/EMPG read.
+    Trajectory-mode samples give none (gigpo then fails naming them)."""
+    if any(s.turn_idx is None for s in samples):
+        return {}
+    return {
+        "turn_idx": torch.tensor([s.turn_idx for s in samples]),
+        "step_rewards": torch.tensor([s.step_reward for s in samples], dtype=torch.float32),
+        "anchor_keys": [s.anchor_key for s in samples],
+    }
+
+
+# -- DAPO dynamic sampling and overlong shaping (algorithms.md §6.3) --------------------------------
+
+
+def episode_rewards(samples: list[Trajectory]) -> list[tuple[int, float]]:
+    """(group_id, reward) once per episode (a step-wise episode's samples share its reward)."""
+    seen: dict[int, tuple[int, float]] = {}
+    for s in samples:
+        seen.setdefault(s.traj_id, (s.group_id, s.reward))
+    return list(seen.values())
+
+
+def select_groups(samples: list[Trajectory], target_groups: int) -> tuple[list[Trajectory], list[int]]:
+    """DAPO dynamic sampling: drop groups whose episode rewards are all equal (they carry no
+    advantage), keep the first `target_groups` of the rest (fewer if there are not enough).
+    Returns (kept samples in their original order, kept group ids)."""
+    kept, _ = filter_groups(episode_rewards(samples))
+    keep = set(kept[:target_groups])
+    return [s for s in samples if s.group_id in keep], [g for g in kept if g in keep]
+
+
+def episode_lengths(samples: list[Trajectory]) -> dict[int, int]:
+    """Generated (sampled) tokens per episode, summed over its step-wise samples."""
+    lengths: dict[int, int] = {}
+    for s in samples:
+        lengths[s.traj_id] = lengths.get(s.traj_id, 0) + s.num_sampled_tokens
+    return lengths
+
+
+def shape_overlong(samples: list[Trajectory], cfg: OverlongConfig) -> dict[str, float]:
+    """Add DAPO's overlong penalty of each episode's generated-token count to its reward, on
+    every sample of the episode (in place). Returns metrics; a no-op when disabled."""
+    if not cfg.enabled or not samples:
+        return {}
+    lengths = episode_lengths(samples)
+    penalty = {
+        t: overlong_penalty(n, max_length=cfg.max_len, buffer=cfg.buffer, factor=cfg.factor)
+        for t, n in lengths.items()
+    }
+    for s in samples:
+        s.reward += penalty[s.traj_id]
+    return {
+        "reward/overlong_penalty": sum(penalty.values()) / len(penalty),
+        "reward/overlong_frac": sum(p < 0 for p in penalty.values()) / len(penalty),
+    }
+
+
+def _shift_traj_ids(samples: list[Trajectory], offset: int) -> None:
+    """Move a later generation batch's trajectory ids past the earlier batches' (the rollout
+    numbers its episodes from 0; group ids are offset through the tasks instead)."""
+    for s in samples:
+        s.traj_id += offset
+
+
+_SUMMED = ("time/", "rollout/episodes", "rollout/gen_tokens")
+
+
+def _merge_metrics(batches: list[dict[str, float]]) -> dict[str, float]:
+    """Rollout metrics of several generation batches (over every episode played, kept or not):
+    times and counts summed, rates averaged over the batches that report them."""
+    keys = {k for m in batches for k in m}
+    merged = {}
+    for k in sorted(keys):
+        values = [m[k] for m in batches if k in m]
+        merged[k] = sum(values) if k.startswith(_SUMMED) else sum(values) / len(values)
+    return merged
 
 
 class Trainer:
@@ -94,10 +175,8 @@ class Trainer:
     def step(self) -> dict[str, float]:
         cfg = self.cfg
         started = time.perf_counter()
-        seeds = self.sampler.next(cfg.train.tasks_per_step)[self.rank :: self.world]
-        picked = materialise(cfg.env.id, seeds, cfg.env.level)
-        tasks = make_group_tasks(cfg.env.id, cfg.env.kwargs, picked, cfg.algo.group_size)
-        result = self.rollout.run(tasks, cfg.sampling)
+        result = self._collect() if cfg.algo.dynamic_sampling else self._rollout_batch(0, 0)
+        result.metrics.update(shape_overlong(result.samples, cfg.algo.overlong))
         t_rollout = time.perf_counter()
         advantages, adv_metrics = compute_advantages(result.samples, cfg)
         t_adv = time.perf_counter()
@@ -116,6 +195,44 @@ class Trainer:
             }
         )
         return _mean_over_ranks(metrics)
+
+    def _rollout_batch(self, first_group: int, first_traj: int) -> RolloutResult:
+        """Roll out this rank's share of the sampler's next `tasks_per_step` tasks, with group
+        and trajectory ids starting at the given offsets."""
+        cfg = self.cfg
+        seeds = self.sampler.next(cfg.train.tasks_per_step)[self.rank :: self.world]
+        picked = materialise(cfg.env.id, seeds, cfg.env.level)
+        tasks = make_group_tasks(cfg.env.id, cfg.env.kwargs, picked, cfg.algo.group_size, first_group)
+        result = self.rollout.run(tasks, cfg.sampling)
+        _shift_traj_ids(result.samples, first_traj)
+        return result
+
+    def _collect(self) -> RolloutResult:
+        """DAPO dynamic sampling: generation batches until this rank has its share of groups with
+        differing rewards, or `algo.max_gen_batches` batches. Every rank plays the same number of
+        batches so the task samplers stay in step; a rank that has enough skips the rollout."""
+        cfg = self.cfg
+        target = len(range(self.rank, cfg.train.tasks_per_step, self.world))
+        samples: list[Trajectory] = []
+        batches: list[dict[str, float]] = []
+        kept: list[int] = []
+        while len(batches) < max(cfg.algo.max_gen_batches, 1):
+            need = len(kept) < target
+            if not _any_rank(need, self.world):
+                break
+            if not need:
+                self.sampler.next(cfg.train.tasks_per_step)
+                batches.append({})
+                continue
+            first_traj = max((s.traj_id for s in samples), default=-1) + 1
+            result = self._rollout_batch(len(batches) * cfg.train.tasks_per_step, first_traj)
+            samples += result.samples
+            batches.append(result.metrics)
+            kept = select_groups(samples, target)[1]
+        samples, kept = select_groups(samples, target)
+        metrics = _merge_metrics([m for m in batches if m])
+        metrics.update({"rollout/kept_groups": float(len(kept)), "rollout/gen_batches": float(len(batches))})
+        return RolloutResult(samples, metrics)
 
     def _update_controllers(self) -> dict[str, float]:
         """Advance every loss-term controller with the step's statistics (already reduced over
@@ -139,6 +256,7 @@ class Trainer:
         episodes = [s for s in result.samples if s.turn_idx in (None, 0)]
         wins = torch.tensor([sum(bool(s.info["won"]) for s in episodes), len(episodes)], dtype=torch.float64)
         if self.world > 1:
+            wins = wins.to(_comm_device())
             dist.all_reduce(wins)
         metrics = {
             "eval/success": float(wins[0] / max(wins[1], 1)),
@@ -159,10 +277,28 @@ def _reward_metrics(result: RolloutResult) -> dict[str, float]:
     return {"reward/mean": sum(rewards) / max(len(rewards), 1)}
 
 
+def _comm_device() -> torch.device:
+    """NCCL reduces only CUDA tensors; gloo only CPU ones."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _any_rank(flag: bool, world: int) -> bool:
+    """True if `flag` is true on any rank (a collective: every rank must call it)."""
+    if world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=_comm_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def _mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Mean of each metric over the ranks that report it. Ranks may report different keys
+    (a stop reason or a turn index seen on one rank only), so the keys travel with the values."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return metrics
-    keys = sorted(metrics)
-    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(values)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, values)}
+    gathered: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, metrics)
+    keys = sorted({k for m in gathered for k in m})
+    return {k: sum(m[k] for m in gathered if k in m) / sum(k in m for m in gathered) for k in keys}

@@ -7,6 +7,8 @@ the same actions in step and trajectory mode. Games are seeds 1..3 of the suite'
 Run: .venv/bin/python -m pytest tests/agents/test_rollout.py -q
 """
 
+import hashlib
+import json
 import re
 import uuid
 
@@ -315,3 +317,47 @@ def test_seed_differs_per_round_and_repeats_per_run(smol_tokenizer, games):
         Rollout(SeedRecorder(look), tok, RolloutConfig(max_turns=3)).run([task(games[0])], GREEDY, seed=seed)
     assert seeds[:3] == seeds[3:6] and len(set(seeds[:3])) == 3
     assert seeds[6:] == [None] * 3
+
+
+# -- per-turn records (GiGPO anchors and step rewards) ---------------------------------------------
+
+
+def test_step_mode_records_step_rewards_and_anchor_keys(smol_tokenizer, games, walkthroughs):
+    tok = smol_tokenizer
+    # two episodes of game 0 and one of game 1, each: look, look, win (the env rewards the win)
+    tasks = [task(games[0], 0), task(games[0], 0), task(games[1], 1)]
+    _, result = run(tok, look_look_win(tok, walkthroughs), tasks, mode="step")
+    turns = {(s.traj_id, s.turn_idx): s for s in result.samples}
+    for t in range(3):
+        assert [turns[t, k].step_reward for k in range(3)] == [0.0, 0.0, 1.0]
+        assert all(turns[t, k].anchor_key for k in range(3))
+    # same game, same turn: the same raw observation, so the same anchor; another game differs
+    assert [turns[0, k].anchor_key for k in range(3)] == [turns[1, k].anchor_key for k in range(3)]
+    assert turns[0, 0].anchor_key != turns[2, 0].anchor_key
+    # the hash is of the observation, not the prompt (whose history grows): `look` leaves the
+    # state as it was, so the three turns share one anchor state
+    assert len({turns[0, k].anchor_key for k in range(3)}) == 1
+    assert turns[0, 0].info["turn_rewards"] == [0.0, 0.0, 1.0]
+    assert turns[0, 0].info["anchor_keys"] == [turns[0, k].anchor_key for k in range(3)]
+
+
+def test_trajectory_mode_records_per_turn_lists(smol_tokenizer, games, walkthroughs):
+    tok = smol_tokenizer
+    tasks = [task(games[0])]
+    _, traj = run(tok, look_look_win(tok, walkthroughs), tasks, mode="trajectory")
+    _, step = run(tok, look_look_win(tok, walkthroughs), tasks, mode="step")
+    (sample,) = traj.samples
+    assert sample.turn_idx is None and sample.anchor_key is None
+    assert sample.info["turn_rewards"] == [0.0, 0.0, 1.0]
+    assert sample.info["anchor_keys"] == [s.anchor_key for s in sorted(step.samples, key=lambda s: s.turn_idx)]
+
+
+def test_anchor_key_is_stable():
+    from agents.rollout import anchor_key
+
+    obs = Observation("win", "You are in a room.", ["look", "go north"])
+    assert anchor_key(obs) == anchor_key(Observation("win", "You are in a room.", ["look", "go north"]))
+    raw = json.dumps(["win", "You are in a room.", ["look", "go north"]]).encode()
+    assert anchor_key(obs) == hashlib.sha1(raw).hexdigest()[:16]  # not Python's salted hash()
+    assert anchor_key(obs) != anchor_key(Observation("win", "You are in a room.", ["look"]))
+    assert anchor_key(None) is None

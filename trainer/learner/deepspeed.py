@@ -266,6 +266,9 @@ class DeepSpeedLearner:
         metrics["learner/tokens_per_s"] = step_totals["sequence_tokens"] / max(elapsed, 1e-9)
         metrics["learner/compute_tokens"] = micro_totals["_tokens"]
         metrics["learner/sequence_tokens"] = step_totals["sequence_tokens"]
+        # every sample's tokens, skipped ones included: what a learner without skipping and
+        # without prompt sharing would run through the model
+        metrics["learner/batch_tokens"] = step_totals["batch_tokens"]
         metrics["learner/lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["time/update"] = elapsed
         return metrics
@@ -281,9 +284,9 @@ class DeepSpeedLearner:
         skip = self._skip_allowed()
         keep = [i for i, s in enumerate(samples) if not (skip and _all_zero(s, advantages[i]))]
         step_totals["learner/skipped_samples"] += len(samples) - len(keep)
-        step_totals["sequence_tokens"] += sum(
-            len(samples[i].prompt_ids) + len(samples[i].response_ids) for i in keep
-        )
+        lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+        step_totals["sequence_tokens"] += sum(lengths[i] for i in keep)
+        step_totals["batch_tokens"] += sum(lengths)
         learner = self.cfg.learner
         plan = plan_by_prompt(samples, keep, learner.micro_batch_tokens, learner.share_prefix)
         # Every rank must run the same number of backward passes (ZeRO hangs otherwise).
