@@ -6,7 +6,7 @@ rewards), `turns`, `parse_errors`, `generated_tokens`, `stop_reason`.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 RewardFn = Callable[[dict], float]
 REWARDS: dict[str, RewardFn] = {}

@@ -97,7 +97,7 @@ class Rollout:
         rounds = 0
         while active := [ep for ep in episodes if ep.stop_reason is None]:
             prompts = [self._next_prompt(ep) for ep in active]
-            ready = [(ep, p) for ep, p in zip(active, prompts) if ep.stop_reason is None]
+            ready = [(ep, p) for ep, p in zip(active, prompts, strict=True) if ep.stop_reason is None]
             if not ready:
                 continue
             t0 = time.perf_counter()
@@ -107,7 +107,7 @@ class Rollout:
             rounds += 1
             results = self.engine.generate([p for _, p in ready], round_params)
             t1 = time.perf_counter()
-            for (ep, prompt), result in zip(ready, results):
+            for (ep, prompt), result in zip(ready, results, strict=True):
                 self._advance(ep, prompt, result)
             timings["generate"] += t1 - t0
             timings["env"] += time.perf_counter() - t1

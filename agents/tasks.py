@@ -6,7 +6,7 @@ A task is what makes episodes comparable inside a GRPO group: same env, same ini
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 from agents.rollout import Task
 

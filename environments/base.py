@@ -8,7 +8,8 @@ Bad actions and tool errors become observation text, never exceptions: an except
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gymnasium as gym
 

@@ -120,9 +120,7 @@ def make_micro_batch(
         loss_mask[r, :n] = torch.tensor(samples[i].loss_mask, dtype=torch.float)
         adv[r, :n] = advantages[i][:n]
         rollout_lp[r, :n] = torch.tensor(samples[i].rollout_logprobs)
-    t_pos, t_ids, t_row, t_col = (torch.tensor(col, dtype=torch.long) for col in zip(*targets)) if targets else (
-        torch.zeros(0, dtype=torch.long) for _ in range(4)
-    )
+    t_pos, t_ids, t_row, t_col = torch.tensor(targets, dtype=torch.long).reshape(-1, 4).T
     return MicroBatch(
         input_ids=ids,
         position_ids=pos,

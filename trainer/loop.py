@@ -7,6 +7,7 @@ and a shard of each step's task groups; the learner is one DeepSpeed engine over
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from datetime import datetime
@@ -144,7 +145,10 @@ class Trainer:
         distributed = dist.is_available() and dist.is_initialized()
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         seed_everything(cfg.train.seed + 1000 * self.rank)  # ranks sample different episodes
-        self.engine = HFEngine.from_pretrained(model_path, device=cfg.train.device)
+        device = cfg.train.device
+        if device == "cuda":  # one GPU per rank: the launcher's LOCAL_RANK picks it
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        self.engine = HFEngine.from_pretrained(model_path, device=device)
         self.rollout = Rollout(self.engine, self.engine.tokenizer, cfg.rollout)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(cfg.train.output_dir or f"runs/{run_name}-{stamp}")

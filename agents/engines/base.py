@@ -6,8 +6,9 @@ exact ids they sampled (the token-exact rule in DESIGN.md).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 from agents.types import GenerationResult
 

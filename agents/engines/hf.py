@@ -7,7 +7,8 @@ of the distribution each token was drawn from come out of the same softmax that 
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -24,7 +25,7 @@ class HFEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
 
     @classmethod
-    def from_pretrained(cls, path: str, device: str = "cpu", dtype: str = "float32") -> "HFEngine":
+    def from_pretrained(cls, path: str, device: str = "cpu", dtype: str = "float32") -> HFEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from agents.engines.base import SamplingParams
 from agents.types import GenerationResult
@@ -21,7 +21,7 @@ class ScriptedEngine:
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[GenerationResult]:
         self.calls.append([list(p) for p in prompts])
         out = []
-        for i, prompt in enumerate(prompts):
+        for prompt in prompts:
             ids = list(self.reply(prompt, len(self.calls) - 1))[: sampling.max_new_tokens]
             finish = "stop" if ids and ids[-1] == self.eos_id else "length"
             out.append(
