@@ -82,6 +82,24 @@ def test_train_cpu_tiny(number_model_dir, game_cache, tmp_path, monkeypatch, cap
     assert [r["step"] for r in evals] == [0, 2] and all(r["eval/episodes"] == 2.0 for r in evals)
 
 
+def test_eval_cli_reports_success(number_model_dir, game_cache, tmp_path, monkeypatch, capsys):
+    """`entrorl eval` plays the eval games with the given model, no learner, and ends with JSON."""
+    from trainer.cli import main
+
+    monkeypatch.setenv("ENTRORL_CACHE", str(game_cache))
+    monkeypatch.chdir(ROOT)
+    threads = torch.get_num_threads()
+    try:
+        code = main(["eval", CONFIG, f"model.name={number_model_dir}", f"train.output_dir={tmp_path}"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(summary) == {"eval/success"} and 0.0 <= summary["eval/success"] <= 1.0
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["eval/episodes"] == 2.0  # seeds [1, 3), one episode each
+
+
 def test_cli_rejects_a_bad_key_before_loading_anything():
     entrorl = ROOT / ".venv" / "bin" / "entrorl"
     if not entrorl.exists():
