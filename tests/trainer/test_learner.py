@@ -68,16 +68,21 @@ def assert_same_update(a, b, initial):
         torch.testing.assert_close(pa[name] - start, pb[name] - start, atol=LR * 1e-3, rtol=0, msg=name)
 
 
+def response_log_softmax(model, s) -> torch.Tensor:
+    """[n, V] next-token log-probabilities at each response position, the sample run alone."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([s.prompt_ids + s.response_ids]), use_cache=False).logits[0]
+    p, n = len(s.prompt_ids), len(s.response_ids)
+    return logits[p - 1 : p - 1 + n].log_softmax(-1)
+
+
 def sample_logprobs(model, samples) -> torch.Tensor:
     """[B, T] logprobs of the response tokens, each sample run alone; 0 where loss_mask == 0."""
     width = max(len(s.response_ids) for s in samples)
     out = torch.zeros(len(samples), width)
-    with torch.no_grad():
-        for row, s in enumerate(samples):
-            logits = model(input_ids=torch.tensor([s.prompt_ids + s.response_ids]), use_cache=False).logits[0]
-            p, n = len(s.prompt_ids), len(s.response_ids)
-            logp = logits[p - 1 : p - 1 + n].log_softmax(-1).gather(-1, torch.tensor(s.response_ids)[:, None])
-            out[row, :n] = logp.squeeze(-1) * torch.tensor(s.loss_mask, dtype=torch.float)
+    for row, s in enumerate(samples):
+        logp = response_log_softmax(model, s).gather(-1, torch.tensor(s.response_ids)[:, None])
+        out[row, : len(s.response_ids)] = logp.squeeze(-1) * torch.tensor(s.loss_mask, dtype=torch.float)
     return out
 
 
@@ -186,12 +191,9 @@ def entropy_rows(model, samples) -> torch.Tensor:
     """[B, T] full-vocabulary entropy at each sampled response token, each sample run alone."""
     width = max(len(s.response_ids) for s in samples)
     out = torch.zeros(len(samples), width)
-    with torch.no_grad():
-        for row, s in enumerate(samples):
-            logits = model(input_ids=torch.tensor([s.prompt_ids + s.response_ids]), use_cache=False).logits[0]
-            p, n = len(s.prompt_ids), len(s.response_ids)
-            logp = logits[p - 1 : p - 1 + n].log_softmax(-1)
-            out[row, :n] = -(logp.exp() * logp).sum(-1) * torch.tensor(s.loss_mask, dtype=torch.float)
+    for row, s in enumerate(samples):
+        logp = response_log_softmax(model, s)
+        out[row, : len(s.response_ids)] = -(logp.exp() * logp).sum(-1) * torch.tensor(s.loss_mask, dtype=torch.float)
     return out
 
 
