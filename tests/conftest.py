@@ -92,3 +92,13 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer) -> Path:
     model.save_pretrained(folder)
     smol_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def learner_model_dir(tmp_path_factory) -> str:
+    """A tiny random Llama (vocab 64, seed 0) saved once: the learner tests' starting weights."""
+    from tests.trainer.learner_worker import VOCAB
+
+    folder = tmp_path_factory.mktemp("tiny-llama-learner")
+    build_tiny_llama(VOCAB, seed=0).save_pretrained(folder)
+    return str(folder)

@@ -169,6 +169,13 @@ def _adv_metrics(advantages: Tensor, loss_mask: Tensor) -> dict[str, float]:
     }
 
 
+def _output(advantages: Tensor, loss_mask: Tensor, extra: dict[str, float] | None = None) -> AdvantageOutput:
+    """Wrap [B, T] advantages with the standard `adv/*` metrics plus an estimator's own."""
+    metrics = _adv_metrics(advantages, loss_mask)
+    metrics.update(extra or {})
+    return AdvantageOutput(advantages, None, metrics)
+
+
 def _rewards_on_sampled_tokens(inputs: AdvantageInputs) -> Tensor:
     """[B, T] float32 token rewards, zero wherever loss_mask == 0.
 
@@ -227,10 +234,7 @@ def grpo(inputs: AdvantageInputs, params: GRPOParams) -> AdvantageOutput:
     gives R_i / (1 + eps)). `count` decides what a unit of the group is, see `_group_baseline`.
     """
     per_sample, group_metrics = _grpo_per_sample(inputs, params)
-    advantages = _broadcast(per_sample.float(), inputs.loss_mask)
-    metrics = _adv_metrics(advantages, inputs.loss_mask)
-    metrics.update(group_metrics)
-    return AdvantageOutput(advantages, None, metrics)
+    return _output(_broadcast(per_sample.float(), inputs.loss_mask), inputs.loss_mask, group_metrics)
 
 
 @dataclass(frozen=True)
@@ -542,9 +546,7 @@ def aepo_advantage(inputs: AdvantageInputs, params: AEPOAdvParams) -> AdvantageO
         std = entropy.std() if entropy.numel() > 1 else entropy.new_zeros(())
         z[valid] = (entropy - entropy.mean()) / (std if std > 0 else 1.0)
     advantages = _broadcast(per_sample.float(), inputs.loss_mask) * (1 + params.entropy_coef * z).float()
-    metrics = _adv_metrics(advantages, inputs.loss_mask)
-    metrics.update(group_metrics)
-    return AdvantageOutput(advantages, None, metrics)
+    return _output(advantages, inputs.loss_mask, group_metrics)
 
 
 @dataclass(frozen=True)
@@ -647,10 +649,7 @@ def ettrl(inputs: AdvantageInputs, params: ETTRLParams) -> AdvantageOutput:
         group_mean = (total / count.clamp_min(1))[group]
         scale = torch.where(group_mean > 0, 1 + (group_mean - entropy) / group_mean.clamp_min(1e-12), 1.0)
         reshaped = scale * per_sample
-    advantages = _broadcast(reshaped.float(), inputs.loss_mask)
-    metrics = _adv_metrics(advantages, inputs.loss_mask)
-    metrics.update(group_metrics)
-    return AdvantageOutput(advantages, None, metrics)
+    return _output(_broadcast(reshaped.float(), inputs.loss_mask), inputs.loss_mask, group_metrics)
 
 
 # --------------------------------------------------------------------------------------------

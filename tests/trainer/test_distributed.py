@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import build_tiny_llama
-from tests.trainer.learner_worker import VOCAB, distributed_batch
+from tests.trainer.learner_worker import distributed_batch
 
 pytestmark = pytest.mark.distributed
 
@@ -37,10 +36,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama-dist")
-    build_tiny_llama(VOCAB, seed=0).save_pretrained(folder)
-    return str(folder)
+def model_dir(learner_model_dir):
+    return learner_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,8 @@ BASE = [f"learner.lr={LR}", "learner.threads=1", "learner.micro_batch_tokens=409
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama-learner")
-    build_tiny_llama(VOCAB, seed=0).save_pretrained(folder)
-    return str(folder)
+def model_dir(learner_model_dir):
+    return learner_model_dir
 
 
 @pytest.fixture(scope="module")
