@@ -32,6 +32,30 @@ def textworld_games(seeds: list[int], level: dict) -> list[dict]:
     return [{"game_file": path} for path in ensure_games(seeds, **level)]
 
 
+@task_source("alfworld")
+def alfworld_games(seeds: list[int], level: dict) -> list[dict]:
+    """Game files of a split (official data or generated), indexed by seed."""
+    from environments.alfworld_env import task_options
+
+    return task_options(seeds, level)
+
+
+@task_source("scienceworld")
+def scienceworld_tasks(seeds: list[int], level: dict) -> list[dict]:
+    """(task, variation) pairs of a split, indexed by seed."""
+    from environments.scienceworld_env import task_options
+
+    return task_options(seeds, level)
+
+
+@task_source("math")
+def math_problems(seeds: list[int], level: dict) -> list[dict]:
+    """Problems of a dataset (GSM8K, MATH-500, user JSONL, synthetic), indexed by seed."""
+    from environments.math_env import task_options
+
+    return task_options(seeds, level)
+
+
 def materialise(env_id: str, seeds: list[int], level: dict) -> list[dict]:
     """Reset options for the tasks `seeds` of env `env_id`."""
     if env_id not in TASK_SOURCES:

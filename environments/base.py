@@ -85,3 +85,6 @@ def check_env(env: TextEnv, seed: int = 0, actions: list[str] | None = None) -> 
 
 # Built-in envs (string entry points: nothing is imported until `make`).
 register("textworld", "environments.textworld_env:TextWorldEnv")
+register("alfworld", "environments.alfworld_env:AlfWorldEnv")
+register("scienceworld", "environments.scienceworld_env:ScienceWorldEnv")
+register("math", "environments.math_env:MathEnv")

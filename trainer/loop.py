@@ -205,7 +205,7 @@ class Trainer:
         and trajectory ids starting at the given offsets."""
         cfg = self.cfg
         seeds = self.sampler.next(cfg.train.tasks_per_step)[self.rank :: self.world]
-        picked = materialise(cfg.env.id, seeds, cfg.env.level)
+        picked = materialise(cfg.env.id, seeds, {**cfg.env.level, **cfg.env.train.level})
         tasks = make_group_tasks(cfg.env.id, cfg.env.kwargs, picked, cfg.algo.group_size, first_group)
         result = self.rollout.run(tasks, cfg.sampling)
         _shift_traj_ids(result.samples, first_traj)
@@ -254,7 +254,9 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict[str, float]:
         cfg = self.cfg
-        shard = materialise(cfg.env.id, list(range(*cfg.env.eval.seeds))[self.rank :: self.world], cfg.env.level)
+        shard = materialise(
+            cfg.env.id, list(range(*cfg.env.eval.seeds))[self.rank :: self.world], {**cfg.env.level, **cfg.env.eval.level}
+        )
         tasks = make_group_tasks(cfg.env.id, cfg.env.kwargs, shard, cfg.env.eval.samples_per_task)
         result = self.rollout.run(tasks, cfg.train.eval_sampling, seed=cfg.train.seed + step)
         episodes = [s for s in result.samples if s.turn_idx in (None, 0)]
