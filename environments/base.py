@@ -27,6 +27,12 @@ class TextEnv(gym.Env):
     metadata = {"render_modes": []}
     tools: list[dict] = []
 
+    def walkthrough(self) -> list[str] | None:
+        """A winning action sequence from the state the last `reset` made (stored walkthrough,
+        gold path or scripted expert), or None when the env has none. Used by the expert agent
+        (`entrorl eval CONFIG agent=expert`) and by tests that must win a task."""
+        return None
+
     def snapshot(self) -> Any:
         """State to `restore` later (for forking). Default: not supported; callers replay actions."""
         raise NotImplementedError(f"{type(self).__name__} has no snapshot; fork it by replaying actions")
