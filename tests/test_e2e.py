@@ -16,35 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import build_tiny_llama
-
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/debug/cpu_tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def number_model_dir(tmp_path_factory, smol_tokenizer) -> Path:
-    """A tiny Llama over SmolLM2's vocabulary trained towards q = 1/2 uniform + 1/2 digits 1-4."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    vocab = len(smol_tokenizer)
-    model = build_tiny_llama(vocab, seed=0)
-    target = torch.full((vocab,), 0.5 / vocab)
-    target[smol_tokenizer.convert_tokens_to_ids(list("1234"))] += 0.5 / 4
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(40):
-        ids = torch.randint(3, vocab, (4, 32), generator=generator)
-        loss = -(model(input_ids=ids).logits.log_softmax(-1) * target).sum(-1).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    torch.set_num_threads(threads)
-    model.generation_config.eos_token_id = smol_tokenizer.eos_token_id
-    folder = tmp_path_factory.mktemp("number-llama")
-    model.save_pretrained(folder)
-    smol_tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_train_cpu_tiny(number_model_dir, game_cache, tmp_path, monkeypatch, capsys):

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from agents.config import RolloutConfig, SamplingConfig
+from trainer.schedules import SCHEDULES
 
 
 @dataclass
@@ -127,6 +128,9 @@ class AlgoConfig:
 class LearnerConfig:
     zero_stage: int = 0
     lr: float = 1e-5
+    lr_scheduler: str = "constant"  # constant | cosine | linear (trainer/schedules.py), per optimizer step
+    warmup_steps: int = 0  # optimizer steps of linear warmup
+    min_lr_ratio: float = 0.0  # cosine/linear decay floor, as a fraction of lr
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     max_grad_norm: float = 1.0
@@ -151,6 +155,11 @@ class TrainConfig:
     eval_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0))
     output_dir: str = ""  # "" = runs/<config name>-<timestamp>
     save_model: bool = True  # write the trained policy as a plain HF folder: <output_dir>/model
+    save_every: int = 0  # checkpoint every N steps (and after the last one); 0 = no checkpoints
+    keep_checkpoints: int = 2  # complete checkpoints kept (older ones are deleted)
+    # auto: continue from the newest complete checkpoint in output_dir if there is one (set
+    # output_dir: the default name is new each run); never: start fresh; or a checkpoint path.
+    resume: str = "auto"
     device: str = "cpu"
 
 
@@ -163,6 +172,11 @@ class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def optimizer_steps(cfg: Config) -> int:
+    """Optimizer steps of the whole run (what the LR schedule spans)."""
+    return cfg.train.steps * cfg.learner.mini_batches * cfg.learner.epochs
 
 
 class ConfigError(ValueError):
@@ -255,6 +269,16 @@ def finalize(cfg: Config) -> None:
         (cfg.train.tasks_per_step >= 1, "train.tasks_per_step must be >= 1"),
         (cfg.learner.mini_batches >= 1, "learner.mini_batches must be >= 1"),
         (cfg.learner.zero_stage in (0, 1, 2, 3), f"learner.zero_stage={cfg.learner.zero_stage}: use 0, 1, 2 or 3"),
+        (
+            cfg.learner.lr_scheduler in SCHEDULES,
+            f"learner.lr_scheduler={cfg.learner.lr_scheduler!r}: use one of {', '.join(SCHEDULES)}",
+        ),
+        (
+            0.0 <= cfg.learner.min_lr_ratio <= 1.0,
+            f"learner.min_lr_ratio={cfg.learner.min_lr_ratio}: a fraction of learner.lr in [0, 1]",
+        ),
+        (cfg.train.save_every >= 0, f"train.save_every={cfg.train.save_every}: steps between checkpoints, 0 = off"),
+        (cfg.train.keep_checkpoints >= 1, f"train.keep_checkpoints={cfg.train.keep_checkpoints}: keep at least 1"),
         (
             cfg.learner.temperature == (cfg.sampling.temperature or 1.0),
             f"learner.temperature={cfg.learner.temperature} differs from sampling.temperature="

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +25,7 @@ from agents.tasks import TaskSampler, make_group_tasks, materialise
 from agents.types import Trajectory
 from trainer.advantages import ADVANTAGES, AdvantageInputs
 from trainer.batch import response_tensors
+from trainer.checkpoint import Checkpointer, fsync_tree
 from trainer.config import Config, OverlongConfig, to_yaml
 from trainer.logging import RunLogger
 from trainer.sampling import filter_groups, overlong_penalty
@@ -157,24 +159,70 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.sampler = TaskSampler(list(range(*cfg.env.train.seeds)), cfg.train.seed)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.train.keep_checkpoints)
+        # Last: a resume restores the RNG states, which everything above has consumed.
+        self.start_step = self._resume() if with_learner else 0
 
     def train(self) -> dict[str, float]:
         cfg = self.cfg
         summary: dict[str, float] = {}
-        if cfg.train.eval_before:
+        if cfg.train.eval_before and self.start_step == 0:
             summary["eval/success_before"] = self.evaluate(step=0)["eval/success"]
-        for step in range(1, cfg.train.steps + 1):
+        for step in range(self.start_step + 1, cfg.train.steps + 1):
             metrics = self.step()
             self.logger.log(step, metrics, cfg.train.steps)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
                 self.evaluate(step)
+            self._checkpoint(step)
         if cfg.train.eval_after:
             summary["eval/success_after"] = self.evaluate(step=cfg.train.steps)["eval/success"]
         summary["train/steps"] = float(cfg.train.steps)
         if cfg.train.save_model:
-            self.learner.save_pretrained(str(self.run_dir / "model"), self.engine.tokenizer)
+            self._export(self.run_dir / "model")
         self._write_summary(summary)
         return summary
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def _checkpoint(self, step: int) -> None:
+        every, last = self.cfg.train.save_every, self.cfg.train.steps
+        if not every or (step % every and step != last):
+            return
+        state = {"sampler": self.sampler.state_dict(), "learner": self.learner.state_dict_extra()}
+        try:
+            path = self.checkpointer.save(step, self.learner, state)
+        except OSError as exc:  # disk full, quota, ...: the previous checkpoint is still complete
+            self.logger.info(f"[red]checkpoint at step {step} failed ({exc}); the previous one is kept[/red]")
+            return
+        self.logger.info(f"checkpoint: {path}")
+
+    def _resume(self) -> int:
+        """Restore the newest complete checkpoint (train.resume=auto) or the one named; return
+        its step (0 = fresh start)."""
+        mode = self.cfg.train.resume
+        if mode == "never":
+            return 0
+        path = self.checkpointer.latest() if mode == "auto" else Path(mode)
+        if path is None:
+            return 0
+        state = self.checkpointer.load(path, self.learner)
+        self.sampler.load_state_dict(state["sampler"])
+        self.learner.load_state_dict_extra(state["learner"])
+        self.engine.load_weights(self.learner.named_weights())
+        self.logger.info(f"resumed from {path} (step {state['step']})")
+        return int(state["step"])
+
+    def _export(self, folder: Path) -> None:
+        """The policy as a plain HF folder, replaced atomically (a kill never leaves half a model)."""
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.learner.save_pretrained(str(tmp), self.engine.tokenizer)
+        if self.rank == 0:
+            fsync_tree(tmp)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
 
     def step(self) -> dict[str, float]:
         cfg = self.cfg

@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from agents.types import Trajectory
 from trainer.aggregation import aggregate
 from trainer.batch import MicroBatch, make_micro_batch, plan_by_prompt
-from trainer.config import Config
+from trainer.config import Config, optimizer_steps
 from trainer.controllers import Controller, make_controller
 from trainer.logprobs import TokenStats, token_stats_from_hidden
 from trainer.losses import (
@@ -52,6 +52,7 @@ from trainer.losses import (
     with_token_weights,
 )
 from trainer.regularizers import REGULARIZERS, top_p_entropy_from_logits
+from trainer.schedules import lr_multiplier
 
 # Losses whose per-token loss (and gradient) is exactly 0 where the advantage is 0, so samples
 # with all-zero advantages can be skipped without changing the update (when nothing else is
@@ -147,8 +148,14 @@ class DeepSpeedLearner:
             weight_decay=cfg.learner.weight_decay,
             foreach=True,
         )
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_config(cfg)
+        learner, total = cfg.learner, optimizer_steps(cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_multiplier(step, total, learner.warmup_steps, learner.lr_scheduler, learner.min_lr_ratio),
+        )
+        # DeepSpeed steps the scheduler with each optimizer step and checkpoints it.
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg)
         )
         self.world_size = dist.get_world_size()
         self.ref_model = self._build_reference(model_path) if "ref_logprobs" in self.needs else None

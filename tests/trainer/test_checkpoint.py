@@ -1,0 +1,151 @@
+"""Checkpoints (trainer/checkpoint.py) through the real loop: a tiny Llama, real TextWorld games,
+real DeepSpeed. A run that dies after step 2 and resumes must play step 3 exactly like the run
+that never died (same tasks, same sampled tokens, same loss, same weights); partial checkpoints
+are never loaded; a failed save keeps the previous checkpoint.
+
+Run: DS_ACCELERATOR=cpu .venv/bin/python -m pytest tests/trainer/test_checkpoint.py -q   (~1 min)
+"""
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainer.checkpoint as checkpoint
+from trainer.checkpoint import Checkpointer
+from trainer.config import load
+from trainer.loop import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPARED = ("loss/policy", "loss/total", "reward/mean", "rollout/gen_tokens", "learner/grad_norm", "learner/lr")
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL: the run stops between two steps, nothing after it runs."""
+
+
+@pytest.fixture
+def make_trainer(number_model_dir, game_cache, monkeypatch, tmp_path):
+    monkeypatch.setenv("ENTRORL_CACHE", str(game_cache))
+    # cpu_tiny + EPO: a controller (entropy history) whose state must survive the restart too
+    config = tmp_path / "ckpt.yaml"
+    config.write_text(
+        f"defaults: [{ROOT / 'configs/debug/cpu_tiny.yaml'}, {ROOT / 'configs/algo/epo.yaml'}]\n"
+        "env: {train: {seeds: [1, 3]}}\nrollout: {max_turns: 3}\nalgo: {group_size: 2}\n"
+    )
+    threads = torch.get_num_threads()
+
+    def make(output_dir: Path, *overrides: str) -> Trainer:
+        cfg = load(
+            config,
+            [
+                f"model.name={number_model_dir}",
+                f"train.output_dir={output_dir}",
+                "train.steps=3",
+                "train.tasks_per_step=2",
+                "train.save_every=1",
+                "train.eval_before=false",
+                "train.eval_after=false",
+                "train.save_model=false",
+                "learner.lr_scheduler=cosine",  # the scheduler position must be restored as well
+                "learner.warmup_steps=1",
+                "learner.threads=1",
+                *overrides,
+            ],
+        )
+        return Trainer(cfg)
+
+    yield make
+    torch.set_num_threads(threads)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def kill_before_step(trainer: Trainer, step: int) -> None:
+    original, calls = trainer.step, [0]
+
+    def step_or_die():
+        calls[0] += 1
+        if calls[0] == step - trainer.start_step:
+            raise Killed
+        return original()
+
+    trainer.step = step_or_die
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.learner.named_weights()}
+
+
+def test_killed_run_resumes_on_the_same_curve(make_trainer, tmp_path):
+    straight = make_trainer(tmp_path / "straight")
+    straight.train()
+    expected = records(tmp_path / "straight")
+    assert [r["step"] for r in expected] == [1, 2, 3]
+    kept = Checkpointer(tmp_path / "straight").complete()
+    assert [p.name for p in kept] == ["step_00000002", "step_00000003"]  # keep_checkpoints=2
+
+    crashed = make_trainer(tmp_path / "crashed")
+    kill_before_step(crashed, 3)
+    with pytest.raises(Killed):
+        crashed.train()
+    # a save that died half-way, and a folder without its COMPLETE marker: neither may be loaded
+    (tmp_path / "crashed/checkpoints/.step_00000003.tmp/deepspeed").mkdir(parents=True)
+    (tmp_path / "crashed/checkpoints/step_00000003").mkdir()
+    assert Checkpointer(tmp_path / "crashed").latest().name == "step_00000002"
+
+    resumed = make_trainer(tmp_path / "crashed")
+    assert resumed.start_step == 2
+    assert resumed.sampler.state_dict() == straight_sampler_after(2)
+    epo = resumed.learner.controllers
+    assert epo and all(c.state_dict() for c in epo.values())  # controller history came back
+    resumed.train()
+    got = records(tmp_path / "crashed")
+    assert [r["step"] for r in got] == [1, 2, 3]  # appended after the first run's records
+    for key in COMPARED:
+        assert got[2][key] == pytest.approx(expected[2][key], rel=1e-6, abs=1e-9), key
+    assert got[0]["learner/lr"] != got[1]["learner/lr"]  # the cosine schedule really moved
+    final, reference = weights(resumed), weights(straight)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(final[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def straight_sampler_after(steps: int) -> dict:
+    from agents.tasks import TaskSampler
+
+    sampler = TaskSampler(list(range(1, 3)), seed=0)
+    for _ in range(steps):
+        sampler.next(2)
+    return sampler.state_dict()
+
+
+def test_failed_save_keeps_the_previous_checkpoint(make_trainer, tmp_path, monkeypatch):
+    run = make_trainer(tmp_path / "full")
+    real_save, calls = torch.save, [0]
+
+    def disk_full_at_step_3(obj, path, *args, **kwargs):
+        if "step_00000003" in str(path):
+            calls[0] += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full_at_step_3)
+    run.train()  # the run goes on: a failed checkpoint is logged, not fatal
+    assert calls[0] == 1
+    left = sorted(p.name for p in (tmp_path / "full/checkpoints").iterdir())
+    assert left == ["step_00000001", "step_00000002"]  # no temp folder, previous ones intact
+    assert [r["step"] for r in records(tmp_path / "full")] == [1, 2, 3]
+
+
+def test_loading_an_incomplete_checkpoint_fails_clearly(tmp_path):
+    (tmp_path / "checkpoints/step_00000001").mkdir(parents=True)
+    ckpt = Checkpointer(tmp_path)
+    assert ckpt.latest() is None
+    with pytest.raises(FileNotFoundError, match="COMPLETE"):
+        ckpt.load(tmp_path / "checkpoints/step_00000001", learner=None)
+    with pytest.raises(ValueError, match="keep_checkpoints"):
+        Checkpointer(tmp_path, keep_last=0)
