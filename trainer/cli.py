@@ -2,6 +2,7 @@
 
     entrorl train configs/quickstart.yaml [key=value ...]
     entrorl eval  configs/quickstart.yaml [key=value ...]
+    entrorl eval  configs/quickstart.yaml agent=expert   # play the envs' walkthroughs, no model
 
 The last line either command prints is one JSON object with the run's summary metrics.
 """
@@ -28,20 +29,55 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     try:
-        cfg = load(args.config, args.overrides)
+        # `agent=expert` is short for `rollout.agent=expert`
+        cfg = load(args.config, [f"rollout.{o}" if o.startswith("agent=") else o for o in args.overrides])
     except (ConfigError, FileNotFoundError) as exc:
         print(f"entrorl: {exc}", file=sys.stderr)
         return 2
-    from trainer.loop import Trainer
+    if cfg.rollout.agent == "expert":
+        if args.command == "train":
+            print("entrorl: agent=expert only evaluates (it plays walkthroughs); use `entrorl eval`", file=sys.stderr)
+            return 2
+        print(json.dumps(expert_eval(cfg)), flush=True)
+        return 0
+    from trainer.loop import NonFiniteLoss, Trainer
 
     trainer = Trainer(cfg, run_name=Path(args.config).stem, with_learner=args.command == "train")
     if args.command == "train":
-        summary = trainer.train()
+        try:
+            summary = trainer.train()
+        except NonFiniteLoss as exc:
+            print(f"entrorl: {exc}", file=sys.stderr)
+            return 3
     else:
         summary = {"eval/success": trainer.evaluate(step=0)["eval/success"]}
     if trainer.rank == 0:
         print(json.dumps(summary), flush=True)
     return 0
+
+
+def expert_eval(cfg) -> dict[str, float]:
+    """Play every eval task's walkthrough through the rollout loop and env pool, loading no
+    model: the ceiling an agent can reach under these turn limits, and a check of the env."""
+    from agents.rollout import Rollout
+    from agents.tasks import make_group_tasks, materialise
+
+    level = {**cfg.env.level, **cfg.env.eval.level}
+    picked = materialise(cfg.env.id, list(range(*cfg.env.eval.seeds)), level)
+    tasks = make_group_tasks(cfg.env.id, cfg.env.kwargs, picked, cfg.env.eval.samples_per_task)
+    rollout = Rollout(None, None, cfg.rollout)
+    try:
+        result = rollout.run(tasks, cfg.train.eval_sampling)
+    finally:
+        rollout.close()
+    for episode in result.episodes:
+        if not episode["won"]:
+            print(f"entrorl: expert lost {episode['task']}: {episode['stop_reason']} {episode['error'] or ''}",
+                  file=sys.stderr)  # fmt: skip
+    metrics = result.metrics
+    summary = {f"eval/{k}": metrics[f"rollout/{k}"] for k in ("success", "episodes", "turns")}
+    summary.update({k.replace("rollout/", "eval/"): v for k, v in metrics.items() if k.startswith("rollout/stop/")})
+    return summary
 
 
 def _has_cuda() -> bool:

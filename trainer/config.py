@@ -160,6 +160,7 @@ class TrainConfig:
     # auto: continue from the newest complete checkpoint in output_dir if there is one (set
     # output_dir: the default name is new each run); never: start fresh; or a checkpoint path.
     resume: str = "auto"
+    max_nonfinite_steps: int = 3  # consecutive RL steps with a NaN/inf loss before the run stops
     device: str = "cpu"
 
 

@@ -134,6 +134,10 @@ def _merge_metrics(batches: list[dict[str, float]]) -> dict[str, float]:
     return merged
 
 
+class NonFiniteLoss(RuntimeError):
+    """Too many consecutive updates were skipped for NaN/inf; raised after a checkpoint."""
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_name: str = "run", with_learner: bool = True):
         self.cfg = cfg
@@ -168,9 +172,18 @@ class Trainer:
         summary: dict[str, float] = {}
         if cfg.train.eval_before and self.start_step == 0:
             summary["eval/success_before"] = self.evaluate(step=0)["eval/success"]
+        nonfinite = 0  # consecutive steps whose update was skipped for a NaN/inf loss
         for step in range(self.start_step + 1, cfg.train.steps + 1):
             metrics = self.step()
             self.logger.log(step, metrics, cfg.train.steps)
+            nonfinite = nonfinite + 1 if metrics.get("learner/nonfinite_steps") else 0
+            if nonfinite >= cfg.train.max_nonfinite_steps:
+                self._checkpoint(step, force=True)  # the weights are intact: skipped steps never applied
+                raise NonFiniteLoss(
+                    f"{nonfinite} consecutive steps had a NaN/inf loss or gradient (up to step {step}); "
+                    f"the run stopped with a checkpoint in {self.checkpointer.root}. Lower learner.lr, "
+                    "check rewards/advantages for NaN, or raise train.max_nonfinite_steps"
+                )
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
                 self.evaluate(step)
             self._checkpoint(step)
@@ -184,9 +197,9 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
 
-    def _checkpoint(self, step: int) -> None:
+    def _checkpoint(self, step: int, force: bool = False) -> None:
         every, last = self.cfg.train.save_every, self.cfg.train.steps
-        if not every or (step % every and step != last):
+        if not force and (not every or (step % every and step != last)):
             return
         state = {"sampler": self.sampler.state_dict(), "learner": self.learner.state_dict_extra()}
         try:

@@ -149,3 +149,24 @@ def test_loading_an_incomplete_checkpoint_fails_clearly(tmp_path):
         ckpt.load(tmp_path / "checkpoints/step_00000001", learner=None)
     with pytest.raises(ValueError, match="keep_checkpoints"):
         Checkpointer(tmp_path, keep_last=0)
+
+
+def test_repeated_nan_losses_stop_the_run_with_a_checkpoint(make_trainer, tmp_path):
+    from trainer.loop import NonFiniteLoss
+
+    run = make_trainer(tmp_path / "nan", "train.save_every=0", "train.max_nonfinite_steps=2")
+    original = run.learner._token_stats
+
+    def poisoned(*args, **kwargs):
+        stats, top_p = original(*args, **kwargs)
+        stats.logprobs = stats.logprobs * float("nan")
+        return stats, top_p
+
+    run.learner._token_stats = poisoned
+    before = weights(run)
+    with pytest.raises(NonFiniteLoss, match="2 consecutive steps.*learner.lr"):
+        run.train()
+    assert [r["learner/nonfinite_steps"] for r in records(tmp_path / "nan")] == [1.0, 1.0]
+    assert Checkpointer(tmp_path / "nan").latest().name == "step_00000002"  # saved although save_every=0
+    for name, tensor in weights(run).items():
+        assert torch.equal(tensor, before[name]), f"{name} changed under NaN losses"

@@ -305,3 +305,33 @@ def test_controllers_are_updated_with_the_steps_reduced_statistics(model_dir):
 def test_terms_the_learner_cannot_feed_fail_at_build(model_dir):
     with pytest.raises(ValueError, match="reinforce_mask"):
         make_learner(model_dir, "algo.regularizers=[{name: temperature_reinforce}]")
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_nan_loss_skips_the_update_and_the_next_one_trains(model_dir, initial, stage):
+    """A NaN in one micro-batch's logprobs makes the gradient NaN: the optimizer step is skipped
+    (weights and Adam state untouched, controllers not fed), and the next update runs normally."""
+    learner = make_learner(
+        model_dir, f"learner.zero_stage={stage}", "learner.micro_batch_tokens=1", "learner.share_prefix=false"
+    )
+    original, calls = learner._token_stats, [0]
+
+    def poisoned(*args, **kwargs):
+        stats, top_p = original(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 1:
+            stats.logprobs = stats.logprobs * float("nan")
+        return stats, top_p
+
+    learner._token_stats = poisoned
+    metrics = learner.update(*fixed_batch())
+    assert calls[0] > 1, "the batch should span several micro-batches"
+    assert metrics["learner/nonfinite_steps"] == 1.0 and metrics["learner/optimizer_steps"] == 0.0
+    assert learner.controller_stats == {}
+    for name, w in params_of(learner).items():
+        assert torch.equal(w, initial[name]), f"{name} changed on a skipped step"
+
+    metrics = learner.update(*fixed_batch())  # the poison is gone: a normal step
+    assert metrics["learner/nonfinite_steps"] == 0.0 and metrics["learner/optimizer_steps"] == 1.0
+    assert math.isfinite(metrics["loss/policy"]) and metrics["learner/grad_norm"] > 0
+    assert any(not torch.equal(w, initial[name]) for name, w in params_of(learner).items())

@@ -259,6 +259,8 @@ class DeepSpeedLearner:
                 batch = [samples[i] for i in index]
                 self._mini_batch_step(batch, [advantages[i] for i in index], micro_totals, step_totals)
         self.controller_stats = self._reduce_stats(len(samples))
+        if step_totals["learner/nonfinite_steps"]:
+            self.controller_stats = {}  # NaN statistics must not reach EPO/AEnt/KL history
         elapsed = time.perf_counter() - started
         n_steps = max(step_totals["learner/optimizer_steps"], 1.0)
         # per-token metrics: token-weighted over every micro-batch and rank (see `_add_stats`)
@@ -268,6 +270,7 @@ class DeepSpeedLearner:
         metrics["learner/grad_norm"] = step_totals["learner/grad_norm"] / n_steps
         metrics["learner/optimizer_steps"] = step_totals["learner/optimizer_steps"]
         metrics["learner/skipped_samples"] = step_totals["learner/skipped_samples"]
+        metrics["learner/nonfinite_steps"] = step_totals["learner/nonfinite_steps"]
         # Throughput in sequence tokens (each sample's prompt + response) per second; the model
         # runs fewer tokens than that when prompts are shared (`learner/compute_tokens`).
         metrics["learner/tokens_per_s"] = step_totals["sequence_tokens"] / max(elapsed, 1e-9)
@@ -325,11 +328,18 @@ class DeepSpeedLearner:
             self.engine.backward(loss)
             if k == n_micro - 1 and learner.zero_stage == 0:  # DeepSpeed records no norm there (fp32)
                 grad_norm = _grad_norm(self.engine.module)
-            self.engine.step()
+                if not math.isfinite(grad_norm):  # stage 0 would apply it: drop it instead
+                    self.engine.module.zero_grad(set_to_none=True)
+                    continue
+            self.engine.step()  # ZeRO 1/2 skip the step themselves on a non-finite gradient norm
         term_sums = _sum_over_ranks(term_sums)
         for key, value in zip(term_keys, term_sums.tolist(), strict=True):
             step_totals[key] += value
-        step_totals["learner/grad_norm"] += float(self.engine.get_global_grad_norm() or grad_norm)
+        norm = float(self.engine.get_global_grad_norm() or grad_norm)
+        if not math.isfinite(norm):  # a NaN/inf loss or gradient: the weights were not touched
+            step_totals["learner/nonfinite_steps"] += 1
+            return
+        step_totals["learner/grad_norm"] += norm
         step_totals["learner/optimizer_steps"] += 1
 
     def _loss(
