@@ -1,0 +1,40 @@
+"""`entrorl plot`: metrics of a resumed run (a step logged twice, a line cut by a kill) read
+right, and the PNGs are written."""
+
+import json
+
+from trainer.cli import main
+from trainer.plot import read_metrics, series
+
+
+def write_run(run_dir):
+    lines = [
+        {"step": 0, "eval/success": 0.2},
+        {"step": 1, "reward/mean": 0.1, "entropy/turn_0": 2.0, "time/generate": 3.0, "time/update": 1.0},
+        {"step": 2, "reward/mean": 0.9, "entropy/turn_0": 1.0},  # logged, then the run was killed
+        {"step": 2, "reward/mean": 0.3, "entropy/turn_0": 1.5, "entropy/turn_1": 1.2},  # after the resume
+    ]
+    text = "\n".join(json.dumps(r) for r in lines) + '\n{"step": 3, "reward/me'  # torn last line
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(text)
+
+
+def test_last_record_of_a_step_wins_and_torn_lines_are_skipped(tmp_path):
+    write_run(tmp_path / "run")
+    steps = read_metrics(tmp_path / "run/metrics.jsonl")
+    assert list(steps) == [0, 1, 2]
+    assert steps[2] == {"reward/mean": 0.3, "entropy/turn_0": 1.5, "entropy/turn_1": 1.2}
+    lines = series(steps, [r"entropy/turn_\d+", "reward/mean"])
+    assert list(lines) == ["entropy/turn_0", "entropy/turn_1", "reward/mean"]
+    assert lines["entropy/turn_0"] == ([1, 2], [2.0, 1.5]) and lines["entropy/turn_1"] == ([2], [1.2])
+
+
+def test_plot_cli_writes_pngs(tmp_path, capsys):
+    write_run(tmp_path / "run")
+    assert main(["plot", str(tmp_path / "run")]) == 0
+    written = capsys.readouterr().out.split()
+    names = {p.rsplit("/", 1)[-1] for p in written}
+    assert {"reward.png", "entropy.png", "step_time.png"} <= names
+    for path in written:
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(tmp_path / "missing")]) == 2
