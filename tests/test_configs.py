@@ -150,3 +150,17 @@ def test_sampling_and_learner_temperature_must_agree():
     with pytest.raises(ConfigError, match="learner.temperature"):
         load(None, ["sampling.temperature=0.7"])
     assert load(None, ["sampling.temperature=0.7", "learner.temperature=0.7"]).learner.temperature == 0.7
+
+
+def test_world_size_checks_name_the_keys_and_sizes_are_described():
+    from trainer.config import check_world, describe_sizes
+
+    cfg = load(None, ["train.tasks_per_step=12", "learner.mini_batches=2", "algo.group_size=8"])
+    with pytest.raises(ConfigError, match=r"train.tasks_per_step=12 is not a multiple of the 8 ranks.*\(e.g. 8\)"):
+        check_world(cfg, 8)
+    with pytest.raises(ConfigError, match=r"3 task groups per rank.*learner.mini_batches=2"):
+        check_world(cfg, 4)
+    check_world(cfg, 2)  # 6 groups per rank, 3 per mini-batch
+    text = describe_sizes(cfg, 2)
+    assert "12 (6 per rank) x group 8 = 96 episodes/step (48 per rank" in text
+    assert "2 x epochs 1 = 16 optimizer steps over 8 RL steps" in text

@@ -311,5 +311,34 @@ def finalize(cfg: Config) -> None:
     _check_named_parts(cfg)
 
 
+def check_world(cfg: Config, world: int) -> None:
+    """Sizes that depend on the number of ranks: every rank must get whole task groups."""
+    tasks = cfg.train.tasks_per_step
+    if tasks % world:
+        raise ConfigError(
+            f"train.tasks_per_step={tasks} is not a multiple of the {world} ranks: groups stay whole on "
+            f"one rank, so set train.tasks_per_step to a multiple of {world} (e.g. {world * max(tasks // world, 1)})"
+        )
+    if (tasks // world) % cfg.learner.mini_batches:
+        raise ConfigError(
+            f"{tasks // world} task groups per rank (train.tasks_per_step={tasks} / {world} ranks) are not "
+            f"divisible by learner.mini_batches={cfg.learner.mini_batches}: change either key"
+        )
+
+
+def describe_sizes(cfg: Config, world: int) -> str:
+    """The derived sizes, printed at startup so a launch can be checked before it spends hours."""
+    tasks = cfg.train.tasks_per_step
+    episodes = tasks * cfg.algo.group_size
+    per_sample = "one sample per turn" if cfg.rollout.mode == "step" else "one sample per episode"
+    return (
+        f"ranks {world} | tasks/step {tasks} ({tasks // world} per rank) x group {cfg.algo.group_size} = "
+        f"{episodes} episodes/step ({episodes // world} per rank, {per_sample}) | "
+        f"mini-batches {cfg.learner.mini_batches} x epochs {cfg.learner.epochs} = "
+        f"{optimizer_steps(cfg)} optimizer steps over {cfg.train.steps} RL steps | "
+        f"micro-batch {cfg.learner.micro_batch_tokens} tokens | ZeRO-{cfg.learner.zero_stage}"
+    )
+
+
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -26,7 +26,7 @@ from agents.types import Trajectory
 from trainer.advantages import ADVANTAGES, AdvantageInputs
 from trainer.batch import response_tensors
 from trainer.checkpoint import Checkpointer, fsync_tree
-from trainer.config import Config, OverlongConfig, to_yaml
+from trainer.config import Config, OverlongConfig, check_world, describe_sizes, to_yaml
 from trainer.logging import RunLogger
 from trainer.sampling import filter_groups, overlong_penalty
 
@@ -150,6 +150,7 @@ class Trainer:
             self.learner = DeepSpeedLearner(cfg, model_path)
         distributed = dist.is_available() and dist.is_initialized()
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        check_world(cfg, self.world)
         seed_everything(cfg.train.seed + 1000 * self.rank)  # ranks sample different episodes
         device = cfg.train.device
         if device == "cuda":  # one GPU per rank: the launcher's LOCAL_RANK picks it
@@ -159,6 +160,7 @@ class Trainer:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(cfg.train.output_dir or f"runs/{run_name}-{stamp}")
         self.logger = RunLogger(self.run_dir, enabled=self.rank == 0)
+        self.logger.info(describe_sizes(cfg, self.world))
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
