@@ -66,15 +66,30 @@ class TokenStats:
     clamped_entropy: Tensor | None = None  # [N], AEnt clamped entropy
 
 
+Head = Tensor | torch.nn.Module  # the [V, H] output weight, or the output layer itself
+
+
+def project(hidden: Tensor, head: Head) -> Tensor:
+    """Logits of `hidden` [N, H]. Passing the layer (not its weight) matters under ZeRO-3: its
+    weight is a partitioned stub outside the layer's own forward, which gathers it."""
+    return head(hidden) if isinstance(head, torch.nn.Module) else hidden @ head.t()
+
+
+def head_requires_grad(head: Head) -> bool:
+    if isinstance(head, torch.nn.Module):
+        return any(p.requires_grad for p in head.parameters())
+    return head.requires_grad
+
+
 def _chunk_stats(
     hidden: Tensor,
-    weight: Tensor,
+    weight: Head,
     labels: Tensor,
     temperature: float,
     with_entropy: bool,
     clamp_drop_frac: float | None,
 ) -> tuple[Tensor, ...]:
-    logits = hidden @ weight.t()
+    logits = project(hidden, weight)
     z = _upcast(logits) / temperature
     log_norm = torch.logsumexp(z, dim=-1, keepdim=True)
     outs = [(z.gather(-1, labels.unsqueeze(-1)) - log_norm).squeeze(-1)]
@@ -87,7 +102,7 @@ def _chunk_stats(
 
 def token_stats_from_hidden(
     hidden: Tensor,
-    lm_head_weight: Tensor,
+    lm_head_weight: Head,
     labels: Tensor,
     *,
     temperature: float = 1.0,
@@ -106,7 +121,7 @@ def token_stats_from_hidden(
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or head_requires_grad(lm_head_weight))
     pieces: list[tuple[Tensor, ...]] = []
     for start in range(0, hidden.shape[0], chunk_size):
         args = (

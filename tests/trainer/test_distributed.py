@@ -1,4 +1,4 @@
-"""ZeRO-2 over 2 CPU ranks (gloo) gives the update of 1 rank on the same global batch.
+"""ZeRO-2 and ZeRO-3 over 2 CPU ranks (gloo) give the update of 1 rank on the same global batch.
 
 One launch of tests/trainer/learner_worker.py on 2 ranks runs two updates in a row: first each
 rank holds 2 of the 4 samples, then rank 0 holds 1 sample (1 micro-batch) and rank 1 holds 3
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("learner_worker.py")
 # micro_batch_tokens=1: every sample is a micro-batch of its own
-OVERRIDES = ["learner.zero_stage=2", "learner.lr=1e-3", "learner.threads=1", "learner.micro_batch_tokens=1"]
+OVERRIDES = ["learner.lr=1e-3", "learner.threads=1", "learner.micro_batch_tokens=1"]
 TIMEOUT_S = 150
 
 
@@ -40,8 +40,13 @@ def model_dir(learner_model_dir):
     return learner_model_dir
 
 
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def stage(request) -> list[str]:
+    return [f"learner.zero_stage={request.param}"]
+
+
 @pytest.fixture(scope="module")
-def two_ranks(model_dir, tmp_path_factory):
+def two_ranks(model_dir, stage, tmp_path_factory):
     """Launch both ranks (like the `deepspeed` launcher would: RANK/WORLD_SIZE/... env), wait
     with a timeout; returns (out_dir, return codes, logs)."""
     out = tmp_path_factory.mktemp("two-ranks")
@@ -60,7 +65,7 @@ def two_ranks(model_dir, tmp_path_factory):
             PYTHONPATH=str(ROOT),
         )
         log = open(out / f"log_{rank}.txt", "w")
-        cmd = [sys.executable, str(WORKER), model_dir, str(out), "even,uneven", *OVERRIDES]
+        cmd = [sys.executable, str(WORKER), model_dir, str(out), "even,uneven", *OVERRIDES, *stage]
         procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     codes = []
     for proc, log in procs:
@@ -78,14 +83,14 @@ def two_ranks(model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_rank(model_dir):
+def one_rank(model_dir, stage):
     """The same two updates on 1 rank over the whole batch: parameters after each."""
     from trainer.config import load
     from trainer.learner.deepspeed import DeepSpeedLearner
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    learner = DeepSpeedLearner(load(None, OVERRIDES), model_dir)
+    learner = DeepSpeedLearner(load(None, OVERRIDES + stage), model_dir)
     after = []
     for _ in range(2):
         learner.update(*distributed_batch())
@@ -100,7 +105,7 @@ def assert_params_close(got: dict, want: dict):
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_zero2_on_two_ranks_matches_one_rank(two_ranks, one_rank):
+def test_two_ranks_match_one_rank(two_ranks, one_rank):
     out, codes, logs = two_ranks
     assert (out / "params_0.pt").exists(), f"return codes {codes}\n{logs}"
     assert_params_close(torch.load(out / "params_0.pt"), one_rank[0])

@@ -42,7 +42,7 @@ from trainer.aggregation import aggregate
 from trainer.batch import MicroBatch, make_micro_batch, plan_by_prompt
 from trainer.config import Config, optimizer_steps
 from trainer.controllers import Controller, make_controller
-from trainer.logprobs import TokenStats, token_stats_from_hidden
+from trainer.logprobs import Head, TokenStats, head_requires_grad, project, token_stats_from_hidden
 from trainer.losses import (
     POLICY_LOSSES,
     TOKEN_WEIGHTS,
@@ -434,6 +434,8 @@ class DeepSpeedLearner:
         entropy_only: bool = False,
     ) -> tuple[TokenStats, torch.Tensor | None]:
         """Per-target log-probs and whatever entropies the configured terms need ([N] each)."""
+        if model is self.engine.module:
+            self._begin_forward()
         hidden = model.model(
             input_ids=micro.input_ids,
             position_ids=micro.position_ids,
@@ -441,7 +443,7 @@ class DeepSpeedLearner:
             use_cache=False,
         ).last_hidden_state
         targets = hidden.reshape(-1, hidden.shape[-1])[micro.target_positions]
-        weight = model.lm_head.weight
+        weight = model.lm_head if self.cfg.learner.zero_stage == 3 else model.lm_head.weight  # see `project`
         temperature = self.cfg.learner.temperature
         stats = token_stats_from_hidden(
             targets,
@@ -455,6 +457,15 @@ class DeepSpeedLearner:
         if not (logprobs_only or entropy_only) and "top_p_entropy" in self.needs:
             top_p = _chunked_top_p_entropy(targets, weight, temperature)
         return stats, top_p
+
+    def _begin_forward(self) -> None:
+        """What `engine.forward` does before a pass and our direct call to the decoder skips:
+        ZeRO counts micro-steps there, and ZeRO-3 copies (instead of accumulating) the
+        gradients of a micro-step it did not count."""
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+        if isinstance(self.engine.optimizer, ZeROOptimizer):
+            self.engine.optimizer.clear_backward_seen_flag()
 
     @torch.no_grad()
     def _ref_logprobs(self, micro: MicroBatch) -> torch.Tensor:
@@ -563,8 +574,10 @@ class DeepSpeedLearner:
                 yield name, param.data.detach()
 
     def save_pretrained(self, path: str, tokenizer=None) -> None:
+        """A plain HF folder. Every rank must call it: under ZeRO-3 the weights are gathered."""
+        state = {name: weight.cpu() for name, weight in self.named_weights()}
         if dist.get_rank() == 0:
-            self.engine.module.save_pretrained(path, safe_serialization=True)
+            self.engine.module.save_pretrained(path, state_dict=state, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(path)
 
@@ -574,16 +587,14 @@ def _all_zero(sample: Trajectory, advantage: torch.Tensor) -> bool:
     return bool((advantage[: len(mask)][mask] == 0).all())
 
 
-def _chunked_top_p_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, temperature: float, chunk_size: int = 1024
-) -> torch.Tensor:
+def _chunked_top_p_entropy(hidden: torch.Tensor, weight: Head, temperature: float, chunk_size: int = 1024) -> torch.Tensor:
     """SIREN's nucleus entropy [N] from target hidden states [N, H], one chunk of logits at a
     time (checkpointed, so the backward recomputes a chunk's logits too)."""
 
-    def chunk(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return top_p_entropy_from_logits(h @ w.t(), temperature=temperature)
+    def chunk(h: torch.Tensor, w: Head) -> torch.Tensor:
+        return top_p_entropy_from_logits(project(h, w), temperature=temperature)
 
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or head_requires_grad(weight))
     pieces = [
         checkpoint(chunk, hidden[s : s + chunk_size], weight, use_reentrant=False)
         if grad
