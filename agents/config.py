@@ -23,3 +23,10 @@ class RolloutConfig:
     history_window: int = 0  # step mode: past (observation, action) pairs shown in the prompt
     parse_error_limit: int = 0  # consecutive unparsable replies that end an episode; 0 = never
     rewards: dict[str, float] = field(default_factory=lambda: {"success": 1.0})  # name -> weight
+    agent: str = "model"  # "expert": play each env's walkthrough() instead (no model; eval only)
+    # Env pool (environments/pool.py). 0 = envs in this process: fastest for cheap envs (TextWorld),
+    # no timeouts. N > 0 = N worker processes stepping in parallel: for slow or fragile simulators
+    # (ALFWorld, ScienceWorld's JVMs); a worker that hangs or dies is replaced, its episodes end.
+    env_workers: int = 0
+    env_step_timeout: float = 60.0  # seconds per env step (workers > 0); over it: stop reason `timeout`
+    env_reset_timeout: float = 300.0  # seconds to build + reset an env (a JVM start, a planner run)

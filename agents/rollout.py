@@ -1,9 +1,14 @@
 """The one multi-turn rollout loop: engine <-> env, for every env and both sample modes.
 
 Each round gathers every active episode into ONE engine call, parses each reply into an action,
-steps that episode's env, and decides whether it goes on. Errors stay inside their episode: an
-env that raises ends only that episode (`env_error`), an unparsable reply becomes the format's
-fallback action and is counted.
+steps every episode's env in ONE env-pool batch (`environments/pool.py`: in-process, or worker
+processes stepping in parallel), and decides whether each episode goes on. Errors stay inside
+their episode: an env that raises or whose worker dies ends only that episode (`env_error`), a
+step that overruns `env_step_timeout` ends it with `timeout`, an unparsable reply becomes the
+format's fallback action and is counted.
+
+`agent="expert"` plays each env's `walkthrough()` through the same loop instead of a model: no
+engine, no tokenizer, turns with no tokens (`entrorl eval CONFIG agent=expert`).
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import environments
 from agents.chat import delta_ids, render_prompt
 from agents.config import RolloutConfig, SamplingConfig
 from agents.engines.base import InferenceEngine, SamplingParams
 from agents.prompts import Observation, build_format
 from agents.rewards import compose
 from agents.types import GenerationResult, Trajectory
+from environments.pool import EnvError, EnvPool
+
+AGENTS = ("model", "expert")
 
 
 @dataclass
@@ -49,7 +56,8 @@ class _Turn:
 class _Episode:
     task: Task
     traj_id: int
-    env: Any = None
+    handle: int | None = None  # the env's handle in the rollout's EnvPool
+    plan: list[str] | None = None  # expert agent: the walkthrough it plays
     obs: Observation | None = None
     history: list[tuple[str, str]] = field(default_factory=list)  # (observation, action) pairs
     messages: list[dict] = field(default_factory=list)  # trajectory mode: the rendered roles
@@ -69,17 +77,28 @@ class _Episode:
 class RolloutResult:
     samples: list[Trajectory]
     metrics: dict[str, float]
+    episodes: list[dict] = field(default_factory=list)  # every episode's summary, sampled or not
 
 
 class Rollout:
-    def __init__(self, engine: InferenceEngine, tokenizer: Any, cfg: RolloutConfig):
+    def __init__(self, engine: InferenceEngine | None, tokenizer: Any, cfg: RolloutConfig):
         if cfg.mode not in ("step", "trajectory"):
             raise ValueError(f"rollout.mode={cfg.mode!r}; expected 'step' or 'trajectory'")
+        if cfg.agent not in AGENTS:
+            raise ValueError(f"rollout.agent={cfg.agent!r}; expected one of {AGENTS}")
+        if cfg.agent == "model" and engine is None:
+            raise ValueError("rollout.agent='model' needs an inference engine (agent 'expert' plays without one)")
         self.engine = engine
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.format = build_format(cfg.format)
         self.reward_fn = compose(cfg.rewards)
+        # Lives as long as the rollout: workers (and idle envs) are reused from run to run.
+        self.pool = EnvPool(cfg.env_workers, cfg.env_step_timeout, cfg.env_reset_timeout)
+
+    def close(self) -> None:
+        """Stop the env workers (also done at interpreter exit)."""
+        self.pool.close()
 
     def run(self, tasks: list[Task], sampling: SamplingConfig, seed: int | None = None) -> RolloutResult:
         timings = Counter()
@@ -92,45 +111,58 @@ class Rollout:
             seed=seed,
         )
         started = time.perf_counter()
-        episodes = [self._start(task, i) for i, task in enumerate(tasks)]
+        episodes = self._start(tasks)
         timings["env"] += time.perf_counter() - started
         rounds = 0
-        while active := [ep for ep in episodes if ep.stop_reason is None]:
-            prompts = [self._next_prompt(ep) for ep in active]
-            ready = [(ep, p) for ep, p in zip(active, prompts, strict=True) if ep.stop_reason is None]
-            if not ready:
-                continue
-            t0 = time.perf_counter()
-            # One seed per round: the same seed every round would replay the same random draws
-            # at every turn.
-            round_params = params if seed is None else replace(params, seed=seed * 1_000_003 + rounds)
-            rounds += 1
-            results = self.engine.generate([p for _, p in ready], round_params)
-            t1 = time.perf_counter()
-            for (ep, prompt), result in zip(ready, results, strict=True):
-                self._advance(ep, prompt, result)
-            timings["generate"] += t1 - t0
-            timings["env"] += time.perf_counter() - t1
-        for ep in episodes:
-            if ep.env is not None:
-                try:
-                    ep.env.close()
-                except Exception:  # noqa: BLE001 - a crashed env may fail to close; the batch is done
-                    pass
-        samples = [s for ep in episodes for s in self._samples(ep)]
-        return RolloutResult(samples, self._metrics(episodes, timings))
-
-    # -- one episode ------------------------------------------------------------------------------
-
-    def _start(self, task: Task, traj_id: int) -> _Episode:
-        ep = _Episode(task=task, traj_id=traj_id)
         try:
-            ep.env = environments.make(task.env_id, **task.env_kwargs)
-            text, info = ep.env.reset(seed=task.seed, options=task.reset_options or None)
-            ep.obs = _observation(ep.env, text, info)
-        except Exception as exc:  # noqa: BLE001 - a broken env ends its own episode only
-            ep.stop_reason, ep.error = "env_error", f"{type(exc).__name__}: {exc}"
-        return ep
+            while active := [ep for ep in episodes if ep.stop_reason is None]:
+                t0 = time.perf_counter()
+                if self.cfg.agent == "expert":
+                    turns = [(ep, self._expert_turn(ep)) for ep in active]
+                else:
+                    # One seed per round: the same seed every round would replay the same random
+                    # draws at every turn.
+                    round_params = params if seed is None else replace(params, seed=seed * 1_000_003 + rounds)
+                    turns = self._model_turns(active, round_params)
+                rounds += 1
+                t1 = time.perf_counter()
+                self._step(turns)
+                timings["generate"] += t1 - t0
+                timings["env"] += time.perf_counter() - t1
+        finally:
+            self.pool.close_many([ep.handle for ep in episodes if ep.handle is not None])
+        samples = [s for ep in episodes for s in self._samples(ep)]
+        return RolloutResult(samples, self._metrics(episodes, timings), [self._summary(ep) for ep in episodes])
+
+    # -- one round --------------------------------------------------------------------------------
+
+    def _start(self, tasks: list[Task]) -> list[_Episode]:
+        """Open and reset every task's env in one pool batch; a broken env ends its own episode."""
+        episodes = [_Episode(task=task, traj_id=i) for i, task in enumerate(tasks)]
+        for ep in episodes:
+            try:
+                ep.handle = self.pool.open(ep.task.env_id, ep.task.env_kwargs)
+            except KeyError as exc:  # unknown env id
+                ep.stop_reason, ep.error = "env_error", f"{type(exc).__name__}: {exc}"
+        opened = [ep for ep in episodes if ep.handle is not None]
+        outcomes = self.pool.reset_many(
+            [ep.handle for ep in opened], [ep.task.seed for ep in opened], [ep.task.reset_options or None for ep in opened]
+        )
+        for ep, outcome in zip(opened, outcomes, strict=True):
+            if isinstance(outcome, EnvError):
+                ep.stop_reason, ep.error = outcome.reason, outcome.message
+            else:
+                ep.obs = _observation(self.pool.task(ep.handle), *outcome)
+        if self.cfg.agent == "expert":
+            self._load_plans([ep for ep in opened if ep.stop_reason is None])
+        return episodes
+
+    def _model_turns(self, active: list[_Episode], params: SamplingParams) -> list[tuple[_Episode, _Turn]]:
+        """One batched engine call over every episode whose next prompt fits; parsed replies."""
+        prompts = [(ep, self._next_prompt(ep)) for ep in active]
+        ready = [(ep, prompt) for ep, prompt in prompts if ep.stop_reason is None]
+        results = self.engine.generate([prompt for _, prompt in ready], params) if ready else []
+        return [(ep, self._parse(ep, prompt, result)) for (ep, prompt), result in zip(ready, results, strict=True)]
 
     def _next_prompt(self, ep: _Episode) -> list[int]:
         if self.cfg.mode == "step":
@@ -145,25 +177,45 @@ class Rollout:
             ep.stop_reason = "context_overflow"
         return prompt
 
-    def _advance(self, ep: _Episode, prompt: list[int], result: GenerationResult) -> None:
+    def _parse(self, ep: _Episode, prompt: list[int], result: GenerationResult) -> _Turn:
         reply = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
         parsed = self.format.parse(reply, ep.obs)
-        ep.turns.append(_Turn(list(prompt), result, parsed.action, parsed.error, anchor_key(ep.obs)))
         ep.parse_errors += parsed.error is not None
         ep.parse_error_streak = ep.parse_error_streak + 1 if parsed.error else 0
-        try:
-            text, reward, terminated, truncated, info = ep.env.step(parsed.action)
-        except Exception as exc:  # noqa: BLE001
-            ep.stop_reason, ep.error = "env_error", f"{type(exc).__name__}: {exc}"
-            return
-        ep.score += float(reward)
-        ep.turns[-1].reward = float(reward)
-        ep.won = ep.won or bool(info.get("won", False))
-        ep.history.append((ep.obs.text, parsed.action))
-        ep.obs = _observation(ep.env, text, info)
-        ep.stop_reason = self._stop_reason(ep, terminated, truncated)
-        if self.cfg.mode == "trajectory" and ep.stop_reason is None:
-            self._append_observation(ep, result)
+        return _Turn(list(prompt), result, parsed.action, parsed.error, anchor_key(ep.obs))
+
+    def _load_plans(self, episodes: list[_Episode]) -> None:
+        for ep, plan in zip(episodes, self.pool.walkthrough_many([ep.handle for ep in episodes]), strict=True):
+            if isinstance(plan, EnvError):
+                ep.stop_reason, ep.error = plan.reason, plan.message
+            elif not plan:
+                ep.stop_reason = "env_error"
+                ep.error = f"env {ep.task.env_id!r} gave no walkthrough for this task: the expert agent cannot play it"
+            else:
+                ep.plan = list(plan)
+
+    def _expert_turn(self, ep: _Episode) -> _Turn:
+        """The walkthrough's next action, recorded with no tokens."""
+        no_tokens = GenerationResult(token_ids=[], logprobs=[], entropies=[], finish_reason="stop")
+        return _Turn([], no_tokens, ep.plan[len(ep.turns)], None, anchor_key(ep.obs))
+
+    def _step(self, turns: list[tuple[_Episode, _Turn]]) -> None:
+        """Step every episode's env with its turn's action, all in one pool batch."""
+        outcomes = self.pool.step_many([ep.handle for ep, _ in turns], [turn.action for _, turn in turns])
+        for (ep, turn), outcome in zip(turns, outcomes, strict=True):
+            ep.turns.append(turn)
+            if isinstance(outcome, EnvError):  # the env raised, its worker died, or it hung (timeout)
+                ep.stop_reason, ep.error = outcome.reason, outcome.message
+                continue
+            text, reward, terminated, truncated, info = outcome
+            ep.score += float(reward)
+            turn.reward = float(reward)
+            ep.won = ep.won or bool(info.get("won", False))
+            ep.history.append((ep.obs.text, turn.action))
+            ep.obs = _observation(self.pool.task(ep.handle), text, info)
+            ep.stop_reason = self._stop_reason(ep, terminated, truncated)
+            if self.cfg.mode == "trajectory" and ep.stop_reason is None and ep.plan is None:
+                self._append_observation(ep, turn.result)
 
     def _append_observation(self, ep: _Episode, result: GenerationResult) -> None:
         """Token-exact: sampled ids go in as they are; only the env's message is tokenized."""
@@ -186,6 +238,8 @@ class Rollout:
             return "max_tokens"
         if cfg.parse_error_limit and ep.parse_error_streak >= cfg.parse_error_limit:
             return "parse_error_limit"
+        if ep.plan is not None and len(ep.turns) >= len(ep.plan):
+            return "max_turns"  # the expert's walkthrough is played out and the episode goes on
         return None
 
     # -- records ----------------------------------------------------------------------------------
@@ -281,8 +335,8 @@ class Rollout:
         return metrics
 
 
-def _observation(env: Any, text: str, info: dict) -> Observation:
-    task = info.get("objective") or getattr(env, "task", "") or ""
+def _observation(env_task: str, text: str, info: dict) -> Observation:
+    task = info.get("objective") or env_task or ""
     return Observation(task=task, text=text, choices=info.get("admissible_commands"))
 
 

@@ -3,6 +3,7 @@
     entrorl train configs/quickstart.yaml [key=value ...]
     entrorl eval  configs/quickstart.yaml [key=value ...]
     entrorl eval  configs/quickstart.yaml agent=expert   # play the envs' walkthroughs, no model
+    entrorl plot  RUN_DIR                                 # PNG curves into RUN_DIR/plots
 
 The last line either command prints is one JSON object with the run's summary metrics.
 """
@@ -20,13 +21,20 @@ from trainer.config import ConfigError, load
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="entrorl", description=__doc__.split("\n")[0])
+    # the deepspeed launcher passes --local_rank before the subcommand (LOCAL_RANK is set too)
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("train", "train a policy"), ("eval", "evaluate a policy on the eval tasks")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="YAML file with deltas over the defaults")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=2")
         p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    p = sub.add_parser("plot", help="write PNG curves of a run (reward, entropy, KL, clipping, step time)")
+    p.add_argument("run_dir", help="a run directory holding metrics.jsonl")
+    p.add_argument("--out", default=None, help="where to write the PNGs (default RUN_DIR/plots)")
     args = parser.parse_args(argv)
+    if args.command == "plot":
+        return _plot(args.run_dir, args.out)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     try:
         # `agent=expert` is short for `rollout.agent=expert`
@@ -78,6 +86,19 @@ def expert_eval(cfg) -> dict[str, float]:
     summary = {f"eval/{k}": metrics[f"rollout/{k}"] for k in ("success", "episodes", "turns")}
     summary.update({k.replace("rollout/", "eval/"): v for k, v in metrics.items() if k.startswith("rollout/stop/")})
     return summary
+
+
+def _plot(run_dir: str, out: str | None) -> int:
+    from trainer.plot import plot_run
+
+    try:
+        written = plot_run(run_dir, out)
+    except FileNotFoundError as exc:
+        print(f"entrorl: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
 
 
 def _has_cuda() -> bool:

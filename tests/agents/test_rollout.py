@@ -2,7 +2,8 @@
 
 The scripted policy reads the numbered command list out of the prompt it was given, so it plays
 the same actions in step and trajectory mode. Games are seeds 1..3 of the suite's game cache
-(one-step quests).
+(one-step quests). The last sections run the same loop through env worker processes and with the
+expert agent (walkthroughs, no model), `entrorl eval ... agent=expert` included.
 
 Run: .venv/bin/python -m pytest tests/agents/test_rollout.py -q
 """
@@ -11,6 +12,7 @@ import hashlib
 import json
 import re
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +26,7 @@ from environments import TextEnv
 from environments.textworld_env import TextWorldEnv, ensure_games
 
 GREEDY = SamplingConfig(temperature=0.0)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -361,3 +364,82 @@ def test_anchor_key_is_stable():
     assert anchor_key(obs) == hashlib.sha1(raw).hexdigest()[:16]  # not Python's salted hash()
     assert anchor_key(obs) != anchor_key(Observation("win", "You are in a room.", ["look"]))
     assert anchor_key(None) is None
+
+
+# -- env pool: worker processes, timeouts ---------------------------------------------------------
+
+
+def test_env_workers_give_the_in_process_samples(smol_tokenizer, games, walkthroughs):
+    tok = smol_tokenizer
+    tasks = [task(g, i) for i, g in enumerate(games)]
+    samples = {}
+    for workers in (0, 2):
+        _, result = run(tok, look_look_win(tok, walkthroughs), tasks, mode="trajectory", env_workers=workers)
+        samples[workers] = sorted(result.samples, key=lambda s: s.traj_id)
+        assert result.metrics["rollout/success"] == 1.0
+    assert samples[0] == samples[2]
+
+
+def test_env_error_in_a_worker_ends_only_its_episode(smol_tokenizer, games, walkthroughs, broken_env_id):
+    """The same as in-process: the registered class reaches the worker, its exception comes back."""
+    tok = smol_tokenizer
+    tasks = [task(games[0], 0), Task(env_id=broken_env_id, group_id=1, env_kwargs={"fail_at": 2})]
+    _, result = run(tok, look_look_win(tok, walkthroughs), tasks, mode="trajectory", env_workers=2)
+    stops = {s.traj_id: (s.stop_reason, s.info["error"]) for s in result.samples}
+    assert stops == {0: ("terminated", None), 1: ("env_error", "RuntimeError: simulator crashed")}
+
+
+def test_a_hung_env_step_times_out(smol_tokenizer, games, walkthroughs):
+    from tests.environments import pool_envs  # noqa: F401 - registers pool-counter
+
+    tok = smol_tokenizer
+    hangs = Task(env_id="pool-counter", group_id=1, env_kwargs={"hang_at": 2})
+    tasks = [task(games[0], 0), hangs, task(games[1], 2)]
+    engine, result = run(tok, look_look_win(tok, walkthroughs), tasks, mode="step", env_workers=2,
+                         env_step_timeout=1.0)  # fmt: skip
+    stops = {(s.traj_id, s.stop_reason) for s in result.samples}
+    assert stops == {(0, "terminated"), (1, "timeout"), (2, "terminated")}
+    hung = next(s for s in result.samples if s.traj_id == 1 and s.turn_idx == 0)
+    assert hung.info["turns"] == 2 and "step took over 1.0 s" in hung.info["error"]
+    assert [len(batch) for batch in engine.calls] == [3, 3, 2]
+
+
+# -- expert agent ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_expert_plays_the_walkthroughs(games, walkthroughs, workers):
+    rollout = Rollout(None, None, RolloutConfig(agent="expert", mode="trajectory", env_workers=workers))
+    try:
+        result = rollout.run([task(g, i) for i, g in enumerate(games)], GREEDY)
+    finally:
+        rollout.close()
+    assert result.metrics["rollout/success"] == 1.0 and result.metrics["rollout/stop/terminated"] == 1.0
+    for sample in result.samples:
+        assert sample.info["actions"] == walkthroughs[games[sample.traj_id]]
+        assert sample.response_ids == [] and sample.num_sampled_tokens == 0  # nothing to train on
+
+
+def test_expert_needs_a_walkthrough():
+    from tests.environments import pool_envs  # noqa: F401 - registers pool-counter (no walkthrough)
+
+    result = Rollout(None, None, RolloutConfig(agent="expert")).run([Task("pool-counter", 0)], GREEDY)
+    (episode,) = result.episodes
+    assert episode["stop_reason"] == "env_error" and "gave no walkthrough" in episode["error"]
+    with pytest.raises(ValueError, match="needs an inference engine"):
+        Rollout(None, None, RolloutConfig())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_eval_cli_with_the_expert_agent_wins_every_game(game_cache, monkeypatch, capsys, workers):
+    """`entrorl eval CONFIG agent=expert` loads no model (the name given here does not exist) and
+    wins every game of the set."""
+    from trainer.cli import main
+
+    monkeypatch.setenv("ENTRORL_CACHE", str(game_cache))
+    monkeypatch.chdir(ROOT)
+    overrides = ["agent=expert", "model.name=/no/such/model", "env.eval.seeds=[1,4]", f"rollout.env_workers={workers}"]
+    assert main(["eval", "configs/debug/cpu_tiny.yaml", *overrides]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary == {"eval/success": 1.0, "eval/episodes": 3.0, "eval/turns": 1.0, "eval/stop/terminated": 1.0}
+    assert main(["train", "configs/debug/cpu_tiny.yaml", "agent=expert"]) == 2
