@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from agents.brancher import BranchConfig
+
 
 @dataclass
 class SamplingConfig:
@@ -30,3 +32,7 @@ class RolloutConfig:
     env_workers: int = 0
     env_step_timeout: float = 60.0  # seconds per env step (workers > 0); over it: stop reason `timeout`
     env_reset_timeout: float = 300.0  # seconds to build + reset an env (a JVM start, a planner run)
+    # Entropy-aware branching (agents/brancher.py): with policy arpo/aepo a group starts
+    # `branch.roots` episodes and forks paths whose step entropy rises until algo.group_size
+    # episodes exist; "none" samples every episode from the start.
+    branch: BranchConfig = field(default_factory=BranchConfig)

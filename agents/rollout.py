@@ -15,11 +15,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from agents.brancher import (
+    BranchConfig,
+    GroupState,
+    PathView,
+    decide_turn_branches,
+    initial_roots,
+    step_entropy,
+)
 from agents.chat import delta_ids, render_prompt
 from agents.config import RolloutConfig, SamplingConfig
 from agents.engines.base import InferenceEngine, SamplingParams
@@ -71,6 +80,8 @@ class _Episode:
     parse_error_streak: int = 0
     stop_reason: str | None = None
     error: str | None = None
+    parent_id: int | None = None  # branched: the episode this one was forked from
+    fork_turn: int | None = None  # branched: turns [0, fork_turn) are the parent's
 
 
 @dataclass
@@ -111,7 +122,10 @@ class Rollout:
             seed=seed,
         )
         started = time.perf_counter()
-        episodes = self._start(tasks)
+        tree = _Tree(self.cfg.branch, tasks, seed) if self.cfg.branch.policy in ("arpo", "aepo") else None
+        episodes = self._start(tree.roots if tree else tasks)
+        if tree:
+            episodes += self._refill(tree, episodes)  # groups whose every root failed at reset
         timings["env"] += time.perf_counter() - started
         rounds = 0
         try:
@@ -127,18 +141,60 @@ class Rollout:
                 rounds += 1
                 t1 = time.perf_counter()
                 self._step(turns)
+                if tree:
+                    episodes += self._branch(tree, [ep for ep, _ in turns], len(episodes))
+                    episodes += self._refill(tree, episodes)
                 timings["generate"] += t1 - t0
                 timings["env"] += time.perf_counter() - t1
         finally:
             self.pool.close_many([ep.handle for ep in episodes if ep.handle is not None])
         samples = [s for ep in episodes for s in self._samples(ep)]
-        return RolloutResult(samples, self._metrics(episodes, timings), [self._summary(ep) for ep in episodes])
+        metrics = self._metrics(episodes, timings)
+        if tree:
+            metrics.update(tree.metrics(episodes))
+        return RolloutResult(samples, metrics, [self._summary(ep) for ep in episodes])
+
+    # -- branching (agents/brancher.py decides, this executes) --------------------------------------
+
+    def _branch(self, tree: _Tree, stepped: list[_Episode], next_id: int) -> list[_Episode]:
+        """Fork the paths the brancher picks among this round's stepped episodes: the env by the
+        pool's fork (snapshot or replay), the episode's records by copy. A failed env fork
+        ends only the new branch."""
+        parents = tree.decide(stepped, self.cfg.branch.entropy_window)
+        if not parents:
+            return []
+        handles = self.pool.fork_many([parent.handle for parent in parents])
+        children = []
+        for k, (parent, handle) in enumerate(zip(parents, handles, strict=True)):
+            child = replace(
+                parent,
+                traj_id=next_id + k,
+                handle=None if isinstance(handle, EnvError) else handle,
+                history=list(parent.history),
+                messages=list(parent.messages),
+                context_ids=list(parent.context_ids),
+                deltas=list(parent.deltas),
+                turns=list(parent.turns),  # the shared turns themselves are never mutated again
+                parent_id=parent.traj_id,
+                fork_turn=len(parent.turns),
+            )
+            if isinstance(handle, EnvError):
+                child.stop_reason, child.error = handle.reason, f"fork failed: {handle.message}"
+            children.append(child)
+        return children
+
+    def _refill(self, tree: _Tree, episodes: list[_Episode]) -> list[_Episode]:
+        """A group whose paths all ended with budget left starts its remaining episodes as new
+        roots (ARPO spends unused budget on extra global samples); returns them."""
+        live = {ep.task.group_id for ep in episodes if ep.stop_reason is None}
+        tasks = tree.refill(skip=live)
+        return self._start(tasks, first_id=len(episodes)) if tasks else []
 
     # -- one round --------------------------------------------------------------------------------
 
-    def _start(self, tasks: list[Task]) -> list[_Episode]:
+    def _start(self, tasks: list[Task], first_id: int = 0) -> list[_Episode]:
         """Open and reset every task's env in one pool batch; a broken env ends its own episode."""
-        episodes = [_Episode(task=task, traj_id=i) for i, task in enumerate(tasks)]
+        episodes = [_Episode(task=task, traj_id=first_id + i) for i, task in enumerate(tasks)]
         for ep in episodes:
             try:
                 ep.handle = self.pool.open(ep.task.env_id, ep.task.env_kwargs)
@@ -258,6 +314,8 @@ class Rollout:
             "turn_rewards": [t.reward for t in ep.turns],
             "anchor_keys": [t.anchor_key for t in ep.turns],
             "error": ep.error,
+            "parent_id": ep.parent_id,
+            "fork_turn": ep.fork_turn,
         }
 
     def _samples(self, ep: _Episode) -> list[Trajectory]:
@@ -265,8 +323,17 @@ class Rollout:
             return []  # nothing was sampled (env failed at reset): nothing to train on
         summary = self._summary(ep)
         reward = self.reward_fn(summary)
-        common = dict(reward=reward, group_id=ep.task.group_id, traj_id=ep.traj_id, stop_reason=ep.stop_reason)
+        common = dict(
+            reward=reward,
+            group_id=ep.task.group_id,
+            traj_id=ep.traj_id,
+            stop_reason=ep.stop_reason,
+            parent_id=ep.parent_id,
+            fork_turn=ep.fork_turn,
+        )
         if self.cfg.mode == "step":
+            # A branch's turns before its fork are its parent's samples already: emitted once.
+            first = ep.fork_turn or 0
             return [
                 Trajectory(
                     prompt_ids=t.prompt_ids,
@@ -278,10 +345,11 @@ class Rollout:
                     step_reward=t.reward,
                     anchor_key=t.anchor_key,
                     turn_spans=[(0, len(t.result.token_ids))],
-                    info={**summary, "parse_error": t.parse_error} if k == 0 else {"parse_error": t.parse_error},
+                    info={**summary, "parse_error": t.parse_error} if k == first else {"parse_error": t.parse_error},
                     **common,
                 )
                 for k, t in enumerate(ep.turns)
+                if k >= first
             ]
         return [self._trajectory_sample(ep, summary, common)]
 
@@ -307,6 +375,7 @@ class Rollout:
             rollout_logprobs=logprobs,
             entropies=entropies,
             turn_spans=spans,
+            fork_token=None if ep.fork_turn is None else _fork_token(spans, ep.fork_turn, len(ids)),
             info=summary,
             **common,
         )
@@ -352,3 +421,83 @@ def anchor_key(obs: Observation | None) -> str | None:
 
 def _ends_turn(tokenizer: Any, token_ids: list[int]) -> bool:
     return bool(token_ids) and token_ids[-1] == tokenizer.eos_token_id
+
+
+def _fork_token(spans: list[tuple[int, int]], fork_turn: int, length: int) -> int:
+    """Response position where a branch's own tokens start: its first own turn's reply."""
+    return spans[fork_turn][0] if fork_turn < len(spans) else length
+
+
+class _Tree:
+    """Branching state of one `run`: per group, the budget (the group's task count = leaves),
+    the brancher's `GroupState`, and the task template new roots are made from. Made fresh
+    every run, so nothing leaks across training steps."""
+
+    def __init__(self, cfg: BranchConfig, tasks: list[Task], seed: int | None):
+        self.cfg = cfg
+        # With no seed (training), draw from the global RNG that checkpoints restore.
+        self.rng = random.Random(seed if seed is not None else random.getrandbits(64))
+        by_group: dict[int, list[Task]] = {}
+        for task in tasks:
+            by_group.setdefault(task.group_id, []).append(task)
+        self.template = {g: group[0] for g, group in by_group.items()}
+        self.states: dict[int, GroupState] = {}
+        self.roots: list[Task] = []
+        for g, group in by_group.items():
+            m = initial_roots(cfg, len(group))
+            self.states[g] = GroupState(budget=len(group), used=m)
+            self.roots += group[:m]
+        self.fork_entropies: list[float] = []  # step entropy of the turns that were forked after
+        self.other_entropies: list[float] = []
+
+    def decide(self, stepped: list[_Episode], window: int) -> list[_Episode]:
+        """The episodes to fork now (one entry per copy), group by group."""
+        by_group: dict[int, list[_Episode]] = {}
+        for ep in stepped:
+            by_group.setdefault(ep.task.group_id, []).append(ep)
+        parents: list[_Episode] = []
+        for g, group in sorted(by_group.items()):
+            views = [
+                PathView(
+                    i,
+                    step_entropy(ep.turns[0].result.entropies, window),
+                    step_entropy(ep.turns[-1].result.entropies, window),
+                    can_branch=ep.stop_reason is None,
+                )
+                for i, ep in enumerate(group)
+            ]
+            copies = decide_turn_branches(views, self.states[g], self.cfg, self.rng)
+            for i, view in enumerate(views):
+                (self.fork_entropies if i in copies else self.other_entropies).append(view.last_entropy)
+                parents += [group[i]] * copies.get(i, 0)
+        return parents
+
+    def refill(self, skip: set[int]) -> list[Task]:
+        """Tasks for the unused budget of every group not in `skip` (groups with live paths)."""
+        fresh = []
+        for g, state in self.states.items():
+            if g not in skip and state.left > 0:
+                fresh += [replace(self.template[g]) for _ in range(state.left)]
+                state.used = state.budget
+        return fresh
+
+    def metrics(self, episodes: list[_Episode]) -> dict[str, float]:
+        groups = max(len(self.states), 1)
+        branches = [ep for ep in episodes if ep.parent_id is not None]
+        roots = [ep for ep in episodes if ep.parent_id is None]
+        depth = {ep.traj_id: 0 for ep in roots}
+        for ep in sorted(branches, key=lambda e: e.traj_id):  # a parent has a smaller traj_id
+            depth[ep.traj_id] = depth.get(ep.parent_id, 0) + 1
+        shared = sum(len(t.result.token_ids) for ep in branches for t in ep.turns[: ep.fork_turn])
+        mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+        return {
+            "branch/per_group": len(branches) / groups,
+            "branch/max_depth": float(max(depth.values(), default=0)),
+            "branch/fork_entropy": mean(self.fork_entropies),
+            "branch/other_entropy": mean(self.other_entropies),
+            "branch/budget_used": sum(s.used for s in self.states.values()) / max(sum(s.budget for s in self.states.values()), 1),
+            # generated tokens a branch did not have to sample again (flat sampling would have)
+            "branch/tokens_saved": float(shared),
+            "branch/success_root": mean([float(ep.won) for ep in roots]),
+            "branch/success_branch": mean([float(ep.won) for ep in branches]),
+        }

@@ -52,7 +52,8 @@ class Trajectory:
     anchor_key: str | None = None  # step-wise mode: stable hash of the observation the prompt showed
     turn_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each reply
     parent_id: int | None = None  # branch tree: the episode this one was forked from
-    fork_turn: int | None = None
+    fork_turn: int | None = None  # the first turn the branch played itself
+    fork_token: int | None = None  # trajectory mode: response tokens [0, fork_token) are the parent's
     stop_reason: str = "terminated"
     info: dict = field(default_factory=dict)  # success, task id, env id, per-turn stats, timings
 

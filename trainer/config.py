@@ -201,6 +201,8 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         raise ConfigError(f"config key {key}: {getattr(exc, 'msg', exc)}") from None
+    except ValueError as exc:  # a section's own check (__post_init__) names its key
+        raise ConfigError(str(exc)) from None
     finalize(cfg)
     return cfg
 

@@ -49,10 +49,25 @@ def compute_advantages(samples: list[Trajectory], cfg: Config) -> tuple[list[tor
         loss_mask=loss_mask,
         entropies=entropies,
         **_turn_inputs(samples),
+        **_tree_inputs(samples),
     )
     out = ADVANTAGES.build(cfg.algo.advantage.name, cfg.algo.advantage.params)(inputs)
     rows = [out.advantages[i, : len(s.response_ids)] for i, s in enumerate(samples)]
+    if out.loss_mask is not None:  # the estimator narrowed what is trained (tree prefix dedup)
+        for i, s in enumerate(samples):
+            s.loss_mask = [int(m) for m in out.loss_mask[i, : len(s.response_ids)].tolist()]
     return rows, out.metrics
+
+
+def _tree_inputs(samples: list[Trajectory]) -> dict:
+    """Branched trajectory-mode samples: each row's parent and where it leaves it (grpo_tree).
+    Step-wise branches emit only their own turns, so they need no tree inputs."""
+    if all(s.parent_id is None for s in samples) or any(s.turn_idx is not None for s in samples):
+        return {}
+    return {
+        "parent_ids": torch.tensor([-1 if s.parent_id is None else s.parent_id for s in samples]),
+        "fork_positions": torch.tensor([s.fork_token or 0 for s in samples]),
+    }
 
 
 def _turn_inputs(samples: list[Trajectory]) -> dict:

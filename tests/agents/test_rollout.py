@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import environments
+from agents.brancher import BranchConfig
 from agents.chat import encode, render_prompt
 from agents.config import RolloutConfig, SamplingConfig
 from agents.engines.scripted import ScriptedEngine
@@ -443,3 +444,82 @@ def test_eval_cli_with_the_expert_agent_wins_every_game(game_cache, monkeypatch,
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary == {"eval/success": 1.0, "eval/episodes": 3.0, "eval/turns": 1.0, "eval/stop/terminated": 1.0}
     assert main(["train", "configs/debug/cpu_tiny.yaml", "agent=expert"]) == 2
+
+# -- branching (agents/brancher.py decides, the rollout forks) ------------------------------------
+# The scripted engine gives every turn the same entropies (dH = 0), so tau decides: with tau 1 and
+# weight 0 every draw branches (P = clip(tau + w dH) = 1); with tau 0 none does.
+
+ALWAYS = BranchConfig("arpo", roots=2, beam=2, tau=1.0, weight=0.0)
+NEVER = BranchConfig("arpo", roots=2, beam=2, tau=0.0, weight=0.0)
+
+
+
+@pytest.mark.parametrize("mode", ["trajectory", "step"])
+def test_branches_fill_the_budget_and_continue_from_the_parent(smol_tokenizer, games, walkthroughs, mode):
+    tok = smol_tokenizer
+    engine, result = run(tok, look_look_win(tok, walkthroughs), [task(games[0])] * 4, mode=mode, branch=ALWAYS)
+    episodes = result.episodes
+    assert len(episodes) == 4  # exactly algo.group_size leaves
+    assert [ep["parent_id"] for ep in episodes] == [None, None, 0, 1]  # both roots forked after turn 1
+    assert [ep["fork_turn"] for ep in episodes] == [None, None, 1, 1]
+    assert all(ep["won"] and ep["actions"][:2] == ["look", "look"] for ep in episodes)
+    # round 1: the 2 roots; round 2 on: roots and branches in one engine call
+    assert [len(call) for call in engine.calls] == [2, 4, 4]
+    # a branch's first own prompt is its parent's next prompt: same tokens, same env state
+    assert engine.calls[1][2] == engine.calls[1][0] and engine.calls[1][3] == engine.calls[1][1]
+    m = result.metrics
+    assert m["branch/per_group"] == 2.0 and m["branch/max_depth"] == 1.0 and m["branch/budget_used"] == 1.0
+    assert m["branch/tokens_saved"] > 0  # the branches did not re-generate their first turn
+    if mode == "trajectory":
+        samples = {s.traj_id: s for s in result.samples}
+        for child, parent in ((2, 0), (3, 1)):
+            fork = samples[child].fork_token
+            assert fork == samples[child].turn_spans[1][0] > 0
+            assert samples[child].response_ids[:fork] == samples[parent].response_ids[:fork]
+            assert samples[child].prompt_ids == samples[parent].prompt_ids
+            assert samples[child].parent_id == parent and samples[child].fork_turn == 1
+    else:  # step mode: the shared first turn is a sample of the parent only
+        turns = sorted((s.traj_id, s.turn_idx) for s in result.samples)
+        assert turns == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)]
+
+
+def test_unused_budget_starts_new_roots(smol_tokenizer, games, walkthroughs):
+    tok = smol_tokenizer
+    engine, result = run(tok, look_look_win(tok, walkthroughs), [task(games[0])] * 4, mode="step", branch=NEVER)
+    assert len(result.episodes) == 4 and all(ep["parent_id"] is None for ep in result.episodes)
+    # the 2 reserved slots start only once the group has no live path (after the roots' 3 turns);
+    # the scripted policy keys on the engine call, so the new roots win at once (call 3)
+    assert [len(call) for call in engine.calls] == [2, 2, 2, 2]
+    assert [ep["turns"] for ep in result.episodes] == [3, 3, 1, 1]
+    assert result.metrics["branch/per_group"] == 0.0 and result.metrics["branch/budget_used"] == 1.0
+
+
+def test_groups_branch_independently_and_never_exceed_their_budget(smol_tokenizer, games, walkthroughs):
+    tok = smol_tokenizer
+    tasks = [task(games[0], group_id=0)] * 3 + [task(games[1], group_id=1)] * 5
+    cfg = BranchConfig("aepo", roots=1, beam=4, tau=1.0, weight=0.0, penalty=0.0)
+    _, result = run(tok, look_look_win(tok, walkthroughs), tasks, mode="trajectory", branch=cfg)
+    per_group = {0: 0, 1: 0}
+    for s in result.samples:
+        per_group[s.group_id] += 1
+    assert per_group == {0: 3, 1: 5}
+    ids = {s.traj_id: s for s in result.samples}
+    for s in result.samples:  # a branch's parent is in its own group and older than it
+        if s.parent_id is not None:
+            assert ids[s.parent_id].group_id == s.group_id and s.parent_id < s.traj_id
+
+
+def test_branch_tree_reaches_the_tree_advantage(smol_tokenizer, games, walkthroughs):
+    from trainer.config import Config, NamedConfig
+    from trainer.loop import compute_advantages
+
+    tok = smol_tokenizer
+    _, result = run(tok, look_look_win(tok, walkthroughs), [task(games[0])] * 4, mode="trajectory", branch=ALWAYS)
+    cfg = Config()
+    cfg.algo.advantage = NamedConfig("grpo_tree", {"attribution": "hard", "dedup_prefix": True})
+    samples = result.samples
+    rows, metrics = compute_advantages(samples, cfg)
+    assert metrics["adv/shared_prefix_frac"] > 0
+    for s in samples:  # dedup: a branch trains only its own tokens, the shared prefix once
+        if s.parent_id is not None:
+            assert sum(s.loss_mask[: s.fork_token]) == 0 and sum(s.loss_mask[s.fork_token :]) > 0
