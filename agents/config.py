@@ -17,7 +17,7 @@ class SamplingConfig:
 @dataclass
 class RolloutConfig:
     mode: str = "step"  # "step": one sample per turn (verl-agent); "trajectory": one per episode
-    format: str = "numbered"  # agent format in agents/prompts.py: numbered | action_tag
+    format: str = "numbered"  # agent format in agents/prompts.py: numbered | action_tag | boxed | tool_call
     max_turns: int = 4
     max_new_tokens: int = 8  # per reply
     max_episode_tokens: int = 1024  # generated tokens per episode

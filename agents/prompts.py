@@ -2,13 +2,18 @@
 
 A format is a small pair (build messages, parse reply). Parsing never raises: a reply it cannot
 read yields `ParsedAction(action=fallback, error=...)`, the env plays the fallback, and the error
-is counted (and can be penalised by a reward term).
+is counted (and can be penalised by a reward term). The math formats (`boxed`, `tool_call`) pass
+the whole reply on as the action, because the env itself runs tool calls and checks answers;
+their parse only flags replies the env will not be able to use.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+
+from agents.parsing import ParseError, ToolCall, final_answer, parse_tool_calls
 
 
 @dataclass
@@ -24,6 +29,7 @@ class Observation:
     task: str
     text: str
     choices: list[str] | None = None  # admissible commands, when the env exposes them
+    tools: list[dict] | None = None  # the env's tool specs (name, description, parameters)
 
 
 # `(?:<action>\s*)+`: a model that repeats the prefilled tag still has its action read
@@ -111,7 +117,96 @@ class ActionTag(_Format):
         return ParsedAction(body)
 
 
-FORMATS = {"numbered": NumberedChoice, "action_tag": ActionTag}
+def _conversation(system: str, obs: Observation, history: list[tuple[str, str]]) -> list[dict]:
+    """System, the question, then the past turns as real chat turns (observation as user, reply as
+    assistant), then the current observation. The first observation of an episode is the question
+    itself and is not repeated."""
+    question = obs.task or obs.text
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    for past_obs, past_action in history:
+        if past_obs != question:
+            messages.append({"role": "user", "content": past_obs})
+        messages.append({"role": "assistant", "content": past_action})
+    if obs.text != question:
+        messages.append({"role": "user", "content": obs.text})
+    return messages
+
+
+class Boxed(_Format):
+    """Math RLVR: the question under Qwen2.5-Math's instruction to reason step by step and box the
+    final answer. No prefill; the reply runs to EOS. A reply without a final answer is flagged."""
+
+    system = "Please reason step by step, and put your final answer within \\boxed{}."
+    prefill = ""
+    stop: list[str] = []
+
+    def messages(self, obs: Observation, history: list[tuple[str, str]] = ()) -> list[dict]:
+        return _conversation(self.system, obs, history)
+
+    def followup(self, obs: Observation) -> dict:
+        return {"role": "user", "content": obs.text}
+
+    def parse(self, reply: str, obs: Observation) -> ParsedAction:
+        if isinstance(final_answer(reply), ParseError):
+            return ParsedAction(reply, "no final answer in \\boxed{}")
+        return ParsedAction(reply)
+
+
+class ToolCalling(Boxed):
+    """Hermes tool calling, as Qwen2.5 and Hermes models are trained for it: the system prompt lists
+    the env's tool specs in `<tools></tools>`, the model calls them with `<tool_call>{json}</tool_call>`
+    (several for parallel calls) and gives the final answer in \\boxed{}. Tool results come back as
+    the env's `<tool_response>` text in a user turn, which is what Qwen2.5's template renders for a
+    "tool" message. Malformed or unknown calls, and replies with neither a call nor an answer, are
+    flagged."""
+
+    intro = (
+        "You are a helpful assistant. Solve the problem step by step. You may call the tools below to "
+        "compute; when you know the answer, reply without a tool call and put the final answer within \\boxed{}."
+    )
+
+    def __init__(self, fallback: str = "", tools: list[dict] | None = None):
+        super().__init__(fallback)
+        self.tools = tools
+
+    def tool_specs(self, obs: Observation) -> list[dict]:
+        """The observation's tools; rollout.py does not set them yet, so else the constructor's,
+        else the math env's defaults."""
+        if obs.tools is not None:
+            return obs.tools
+        if self.tools is not None:
+            return self.tools
+        from environments.math_env import TOOL_SPECS
+
+        return list(TOOL_SPECS.values())
+
+    def system_prompt(self, tools: list[dict]) -> str:
+        if not tools:
+            return self.intro
+        specs = "\n".join(json.dumps({"type": "function", "function": spec}, ensure_ascii=False) for spec in tools)
+        return (
+            f"{self.intro}\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+            f"You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{specs}\n</tools>\n\n"
+            "For each function call, return a json object with function name and arguments within "
+            '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+        )
+
+    def messages(self, obs: Observation, history: list[tuple[str, str]] = ()) -> list[dict]:
+        return _conversation(self.system_prompt(self.tool_specs(obs)), obs, history)
+
+    def parse(self, reply: str, obs: Observation) -> ParsedAction:
+        calls = parse_tool_calls(reply)
+        known = {spec["name"] for spec in self.tool_specs(obs)}
+        errors = [c.reason for c in calls if isinstance(c, ParseError)]
+        errors += [f"unknown tool {c.name!r}" for c in calls if isinstance(c, ToolCall) and c.name not in known]
+        if errors:
+            return ParsedAction(reply, "; ".join(errors))
+        if not calls and isinstance(final_answer(reply), ParseError):
+            return ParsedAction(reply, "neither a <tool_call> nor a final answer in \\boxed{}")
+        return ParsedAction(reply)
+
+
+FORMATS = {"numbered": NumberedChoice, "action_tag": ActionTag, "boxed": Boxed, "tool_call": ToolCalling}
 
 
 def build_format(name: str, **kwargs):

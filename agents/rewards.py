@@ -1,12 +1,16 @@
 """Reward terms: plain registered callables of an episode summary, composed by weight.
 
 The summary is the episode's `info` dict built by the rollout loop: `won`, `score` (sum of env
-rewards), `turns`, `parse_errors`, `generated_tokens`, `stop_reason`.
+rewards), `turns`, `parse_errors`, `generated_tokens`, `stop_reason`, `task` (the reset options;
+math tasks carry the reference `answer`) and `actions` (with the `boxed` and `tool_call` formats,
+the raw replies).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
+from agents.parsing import ParseError, ToolCall, extract_boxed, parse_tool_calls
 
 RewardFn = Callable[[dict], float]
 REWARDS: dict[str, RewardFn] = {}
@@ -38,6 +42,44 @@ def score(summary: dict) -> float:
 def invalid_action(summary: dict) -> float:
     """Minus the fraction of replies that could not be parsed (weight it, e.g. 0.1)."""
     return -summary["parse_errors"] / max(summary["turns"], 1)
+
+
+@reward("math_verify")
+def math_verify(summary: dict) -> float:
+    """1 if the final reply's answer equals the task's reference `answer`, checked here with
+    math-verify (agents/verify.py) independently of the env; a final reply that still calls a tool
+    answers nothing. Without a reference answer in the task: the env's `won`."""
+    from agents.verify import math_equal
+
+    reference = (summary.get("task") or {}).get("answer")
+    if reference is None:
+        return float(bool(summary["won"]))
+    reply = _final_reply(summary)
+    return float(reply is not None and bool(math_equal(reply, str(reference))))
+
+
+@reward("format")
+def boxed_format(summary: dict) -> float:
+    """1 if the final reply puts an answer in a complete \\boxed{} (and calls no tool), else 0."""
+    reply = _final_reply(summary)
+    return float(reply is not None and not isinstance(extract_boxed(reply), ParseError))
+
+
+@reward("tool_use")
+def tool_use(summary: dict) -> float:
+    """1 if the episode was won and made at least one well-formed tool call, else 0. Gated on
+    success so that calling a tool never pays by itself (Tool-Star's multi-tool bonus is gated
+    the same way)."""
+    used = any(isinstance(c, ToolCall) for a in summary.get("actions", []) for c in parse_tool_calls(a))
+    return float(bool(summary["won"]) and used)
+
+
+def _final_reply(summary: dict) -> str | None:
+    """The last reply of the episode when it is an answer (makes no tool call), else None."""
+    actions = summary.get("actions") or []
+    if not actions or parse_tool_calls(actions[-1]):
+        return None
+    return actions[-1]
 
 
 def compose(weights: dict[str, float]) -> RewardFn:

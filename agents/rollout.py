@@ -208,7 +208,7 @@ class Rollout:
             if isinstance(outcome, EnvError):
                 ep.stop_reason, ep.error = outcome.reason, outcome.message
             else:
-                ep.obs = _observation(self.pool.task(ep.handle), *outcome)
+                ep.obs = _observation(self.pool.task(ep.handle), self.pool.tools(ep.handle), *outcome)
         if self.cfg.agent == "expert":
             self._load_plans([ep for ep in opened if ep.stop_reason is None])
         return episodes
@@ -268,7 +268,7 @@ class Rollout:
             turn.reward = float(reward)
             ep.won = ep.won or bool(info.get("won", False))
             ep.history.append((ep.obs.text, turn.action))
-            ep.obs = _observation(self.pool.task(ep.handle), text, info)
+            ep.obs = _observation(self.pool.task(ep.handle), self.pool.tools(ep.handle), text, info)
             ep.stop_reason = self._stop_reason(ep, terminated, truncated)
             if self.cfg.mode == "trajectory" and ep.stop_reason is None and ep.plan is None:
                 self._append_observation(ep, turn.result)
@@ -309,6 +309,8 @@ class Rollout:
             "generated_tokens": sum(len(t.result.token_ids) for t in ep.turns),
             "stop_reason": ep.stop_reason,
             "env_id": ep.task.env_id,
+            "group_id": ep.task.group_id,
+            "traj_id": ep.traj_id,
             "task": dict(ep.task.reset_options),
             "actions": [t.action for t in ep.turns],
             "turn_rewards": [t.reward for t in ep.turns],
@@ -404,9 +406,9 @@ class Rollout:
         return metrics
 
 
-def _observation(env_task: str, text: str, info: dict) -> Observation:
+def _observation(env_task: str, tools: list[dict], text: str, info: dict) -> Observation:
     task = info.get("objective") or env_task or ""
-    return Observation(task=task, text=text, choices=info.get("admissible_commands"))
+    return Observation(task=task, text=text, choices=info.get("admissible_commands"), tools=tools or None)
 
 
 def anchor_key(obs: Observation | None) -> str | None:

@@ -91,7 +91,7 @@ class _Host:
             self.envs[handle] = (key, env)
         env = self.envs[handle][1]
         observation, info = env.reset(seed=seed, options=options)
-        return observation, info, getattr(env, "task", "") or ""
+        return observation, info, getattr(env, "task", "") or "", list(getattr(env, "tools", None) or [])
 
     def step(self, handle: int, action: str) -> tuple:
         return tuple(self.envs[handle][1].step(action))
@@ -218,6 +218,7 @@ class _Record:
     options: dict | None = None
     start: str | None = None  # the reset observation
     task: str = ""
+    tools: list[dict] = field(default_factory=list)  # the env's JSON-schema tool specs
     steps: list[tuple] = field(default_factory=list)  # (action, observation, reward, terminated, truncated)
 
 
@@ -289,9 +290,10 @@ class EnvPool:
             if isinstance(result, EnvError):
                 out.append(result)
                 continue
-            observation, info, task = result
+            observation, info, task, tools = result
             record = self._records[handle]
             record.seed, record.options, record.start, record.task, record.steps = seed, opts, observation, task, []
+            record.tools = tools
             out.append((observation, info))
         return out
 
@@ -320,6 +322,10 @@ class EnvPool:
     def task(self, handle: int) -> str:
         """The env's `task` attribute as of its last reset ("" if it has none)."""
         return self._records[handle].task
+
+    def tools(self, handle: int) -> list[dict]:
+        """The env's `tools` (JSON-schema specs) as of its last reset."""
+        return self._records[handle].tools
 
     def history(self, handle: int) -> list[str]:
         """The actions stepped since the last reset."""

@@ -8,7 +8,15 @@ import string
 
 import pytest
 
-from agents.prompts import ActionTag, NumberedChoice, Observation, ParsedAction, build_format
+from agents.prompts import (
+    ActionTag,
+    Boxed,
+    NumberedChoice,
+    Observation,
+    ParsedAction,
+    ToolCalling,
+    build_format,
+)
 
 CHOICES = ["close chest", "go east", "look", "take key from chest"]
 OBS = Observation(task="Close the chest.", text="-= Kitchen =-\nA chest is here.", choices=CHOICES)
@@ -131,7 +139,75 @@ def test_parse_never_raises_on_random_replies(name):
 
 
 def test_build_format_unknown_name_lists_known():
-    with pytest.raises(KeyError, match="action_tag, numbered"):
+    with pytest.raises(KeyError, match="action_tag, boxed, numbered, tool_call"):
         build_format("json")
     assert isinstance(build_format("numbered", fallback="wait"), NumberedChoice)
     assert build_format("numbered", fallback="wait").fallback == "wait"
+
+
+# -- math formats: the action is the whole reply; parse only flags what the env cannot use ---------
+
+QUESTION = "What is 6 times 7?"
+MATH_OBS = Observation(task=QUESTION, text=QUESTION)
+TOOLS = [{"name": "python", "description": "Run Python.", "parameters": {"type": "object", "properties": {}}}]
+CALL = '<tool_call>{"name": "python", "arguments": {"code": "print(6 * 7)"}}</tool_call>'
+
+
+def test_boxed_prompt_and_parse():
+    fmt = build_format("boxed")
+    assert (fmt.prefill, fmt.stop) == ("", [])
+    assert fmt.messages(MATH_OBS) == [
+        {"role": "system", "content": "Please reason step by step, and put your final answer within \\boxed{}."},
+        {"role": "user", "content": QUESTION},
+    ]
+    assert fmt.parse("6*7 = 42, so \\boxed{42}", MATH_OBS) == ParsedAction("6*7 = 42, so \\boxed{42}")
+    assert fmt.parse("#### 42", MATH_OBS) == ParsedAction("#### 42")
+    assert fmt.parse("it is 42", MATH_OBS) == ParsedAction("it is 42", "no final answer in \\boxed{}")
+
+
+def test_tool_call_prompt_lists_the_tools_hermes_style():
+    fmt = ToolCalling()
+    system, user = fmt.messages(Observation(task=QUESTION, text=QUESTION, tools=TOOLS))
+    assert user == {"role": "user", "content": QUESTION}
+    assert system["content"].startswith(fmt.intro)
+    assert '<tools>\n{"type": "function", "function": {"name": "python", "description": "Run Python."' in system["content"]
+    assert '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>' in system["content"]
+    assert fmt.messages(Observation(task=QUESTION, text=QUESTION, tools=[]))[0]["content"] == fmt.intro
+    # without tools on the observation (rollout.py does not pass them yet): the constructor's, else the math env's
+    assert '"name": "calculator"' in fmt.messages(MATH_OBS)[0]["content"]
+    assert '"name": "calculator"' not in ToolCalling(tools=TOOLS).messages(MATH_OBS)[0]["content"]
+
+
+def test_tool_call_history_is_real_chat_turns():
+    fmt = build_format("tool_call", tools=TOOLS)
+    response = "<tool_response>\n42\n</tool_response>"
+    now = Observation(task=QUESTION, text=response)
+    roles = [(m["role"], m["content"]) for m in fmt.messages(now, history=[(QUESTION, CALL)])[1:]]
+    assert roles == [("user", QUESTION), ("assistant", CALL), ("user", response)]
+    assert fmt.followup(now) == {"role": "user", "content": response}
+
+
+@pytest.mark.parametrize(
+    "reply, error",
+    [
+        (CALL, None),
+        (CALL + CALL, None),
+        ("\\boxed{42}", None),
+        ("<tool_call>{nope}</tool_call>", "tool call 1 is not valid JSON"),
+        ('<tool_call>{"name": "web", "arguments": {}}</tool_call>', "unknown tool 'web'"),
+        ("let me think", "neither a <tool_call> nor a final answer in \\boxed{}"),
+    ],
+)
+def test_tool_call_parse_keeps_the_reply_and_flags_problems(reply, error):
+    parsed = ToolCalling(tools=TOOLS).parse(reply, MATH_OBS)
+    assert parsed.action == reply
+    assert (parsed.error is None) if error is None else parsed.error.startswith(error)
+
+
+@pytest.mark.parametrize("fmt", [Boxed(), ToolCalling(tools=TOOLS)])
+def test_math_formats_never_raise_and_keep_the_reply(fmt):
+    rng = random.Random(1)
+    for _ in range(300):
+        reply = _random_reply(rng) + rng.choice(["", "\\boxed{", "}", CALL, "<tool_call>", "####"])
+        parsed = fmt.parse(reply, MATH_OBS)
+        assert parsed.action == reply and (parsed.error is None or isinstance(parsed.error, str))

@@ -41,7 +41,7 @@ def test_compose_is_linear_in_weights():
 
 
 def test_unknown_reward_lists_known_ones():
-    with pytest.raises(KeyError, match="'sucess'.*known: invalid_action, score, success"):
+    with pytest.raises(KeyError, match="'sucess'.*known: format, invalid_action, math_verify, score, success, tool_use"):
         compose({"sucess": 1.0, "score": 1.0})
 
 
@@ -55,3 +55,31 @@ def test_registration(monkeypatch):
     assert compose({"short": 1.0, "success": 1.0})(WON) == pytest.approx(1.0 - 0.3)
     with pytest.raises(ValueError, match="already registered"):
         rewards.reward("short")(short)
+
+
+# -- math terms: the summary's task carries the reference, its actions the raw replies ---------------
+
+CALL = '<tool_call>{"name": "python", "arguments": {"code": "print(6 * 7)"}}</tool_call>'
+MATH = {**WON, "task": {"question": "6 * 7?", "answer": "42"}, "actions": [CALL, "It is \\boxed{42}."]}
+
+
+@pytest.mark.parametrize(
+    "summary, expected",
+    [
+        (MATH, {"math_verify": 1.0, "format": 1.0, "tool_use": 1.0}),
+        ({**MATH, "actions": ["#### 42"]}, {"math_verify": 1.0, "format": 0.0, "tool_use": 0.0}),  # no box, no tool
+        ({**MATH, "won": False, "actions": [CALL, "\\boxed{41}"]}, {"math_verify": 0.0, "format": 1.0, "tool_use": 0.0}),
+        ({**MATH, "actions": ["\\boxed{42}", CALL]}, {"math_verify": 0.0, "format": 0.0, "tool_use": 1.0}),  # ends on a call
+        ({**MATH, "actions": ["<tool_call>{bad</tool_call>", "\\boxed{42}"]}, {"math_verify": 1.0, "format": 1.0, "tool_use": 0.0}),
+        ({**MATH, "task": {"question": "q", "answer": "\\frac{1}{2}"}, "actions": ["\\boxed{0.5}"]}, {"math_verify": 1.0}),
+        ({**MATH, "actions": []}, {"math_verify": 0.0, "format": 0.0, "tool_use": 0.0}),
+        ({**WON, "task": {}, "actions": ["no answer"]}, {"math_verify": 1.0, "format": 0.0}),  # no reference: `won`
+        ({**LOST, "task": {}, "actions": ["no answer"]}, {"math_verify": 0.0}),
+    ],
+)
+def test_math_terms_by_hand(summary, expected):
+    assert {name: REWARDS[name](summary) for name in expected} == expected
+
+
+def test_math_terms_compose():
+    assert compose({"math_verify": 1.0, "format": 0.1, "tool_use": 0.2})(MATH) == pytest.approx(1.3)
