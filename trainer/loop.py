@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from agents.engines.hf import HFEngine
 from agents.engines.models import resolve_model
+from agents.parsing import final_answer
 from agents.rollout import Rollout, RolloutResult
 from agents.tasks import TaskSampler, make_group_tasks, materialise
 from agents.types import Trajectory
@@ -27,6 +28,7 @@ from trainer.advantages import ADVANTAGES, AdvantageInputs
 from trainer.batch import response_tensors
 from trainer.checkpoint import Checkpointer, fsync_tree
 from trainer.config import Config, OverlongConfig, check_world, describe_sizes, to_yaml
+from trainer.evaluation import eval_metrics
 from trainer.logging import RunLogger
 from trainer.sampling import filter_groups, overlong_penalty
 
@@ -331,29 +333,39 @@ class Trainer:
         return metrics
 
     def evaluate(self, step: int) -> dict[str, float]:
+        """Play the eval tasks (sharded over ranks) and log success with its interval, pass@k and
+        maj@k when tasks have several samples, and success by task type / subject / level."""
         cfg = self.cfg
         shard = materialise(
             cfg.env.id, list(range(*cfg.env.eval.seeds))[self.rank :: self.world], {**cfg.env.level, **cfg.env.eval.level}
         )
         tasks = make_group_tasks(cfg.env.id, cfg.env.kwargs, shard, cfg.env.eval.samples_per_task)
         result = self.rollout.run(tasks, cfg.train.eval_sampling, seed=cfg.train.seed + step)
-        episodes = [s for s in result.samples if s.turn_idx in (None, 0)]
-        wins = torch.tensor([sum(bool(s.info["won"]) for s in episodes), len(episodes)], dtype=torch.float64)
-        if self.world > 1:
-            wins = wins.to(_comm_device())
-            dist.all_reduce(wins)
-        metrics = {
-            "eval/success": float(wins[0] / max(wins[1], 1)),
-            "eval/episodes": float(wins[1]),
-            "eval/invalid_rate": result.metrics["rollout/invalid_rate"],
-            "eval/turns": result.metrics["rollout/turns"],
-        }
+        summaries = _gather(result.episodes, self.world)
+        metrics = eval_metrics(summaries, answer_of=_final_answer)
+        metrics["eval/invalid_rate"] = sum(s["parse_errors"] for s in summaries) / max(sum(s["turns"] for s in summaries), 1)
+        metrics["eval/turns"] = sum(s["turns"] for s in summaries) / max(len(summaries), 1)
         self.logger.log(step, metrics)
         return metrics
 
     def _write_summary(self, summary: dict[str, float]) -> None:
         if self.rank == 0:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def _final_answer(summary: dict) -> str | None:
+    """The final answer of an episode's last reply (math), or None."""
+    answer = final_answer(summary["actions"][-1]) if summary["actions"] else None
+    return answer if isinstance(answer, str) else None
+
+
+def _gather(items: list, world: int) -> list:
+    """Every rank's list, concatenated in rank order (a collective when world > 1)."""
+    if world == 1:
+        return list(items)
+    gathered: list[list] = [[] for _ in range(world)]
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
 
 
 def _reward_metrics(result: RolloutResult) -> dict[str, float]:
