@@ -27,7 +27,9 @@ def test_train_cpu_tiny(number_model_dir, game_cache, tmp_path, monkeypatch, cap
     monkeypatch.chdir(ROOT)
     threads = torch.get_num_threads()
     try:
-        code = main(["train", CONFIG, f"model.name={number_model_dir}", f"train.output_dir={tmp_path}"])
+        code = main(
+            ["train", CONFIG, f"model.name={number_model_dir}", f"train.output_dir={tmp_path}", "train.save_rollouts=true"]
+        )
     finally:
         torch.set_num_threads(threads)  # the config asks for 1 thread; give the suite back its own
     assert code == 0
@@ -53,6 +55,16 @@ def test_train_cpu_tiny(number_model_dir, game_cache, tmp_path, monkeypatch, cap
         assert "loss/policy" in record and record["learner/grad_norm"] > 0
     evals = [r for r in records if "eval/success" in r]
     assert [r["step"] for r in evals] == [0, 2] and all(r["eval/episodes"] == 2.0 for r in evals)
+
+    # the saved rollouts, shown token by token: sampled replies and masked env turns
+    saved = tmp_path / "rollouts" / "step_000002_rank0.jsonl"
+    assert len(saved.read_text().splitlines()) == 4  # 2 tasks x group 2, one sample per episode
+    assert main(["show-trajectory", str(saved), "--index", "0"]) == 0
+    shown = capsys.readouterr().out
+    assert "SAMPLED [0:" in shown and "mean entropy" in shown and "prompt (" in shown
+    if json.loads(saved.read_text().splitlines()[0])["info"]["turns"] > 1:
+        assert "env/template [" in shown  # the env's reply between two turns, loss_mask 0
+    assert main(["show-trajectory", str(saved), "--index", "9"]) == 2
 
 
 def test_eval_cli_reports_success(number_model_dir, game_cache, tmp_path, monkeypatch, capsys):

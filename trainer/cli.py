@@ -4,6 +4,7 @@
     entrorl eval  configs/quickstart.yaml [key=value ...]
     entrorl eval  configs/quickstart.yaml agent=expert   # play the envs' walkthroughs, no model
     entrorl plot  RUN_DIR                                 # PNG curves into RUN_DIR/plots
+    entrorl show-trajectory RUN_DIR/rollouts/step_000001_rank0.jsonl --index 3
 
 The last line either command prints is one JSON object with the run's summary metrics.
 """
@@ -32,9 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("plot", help="write PNG curves of a run (reward, entropy, KL, clipping, step time)")
     p.add_argument("run_dir", help="a run directory holding metrics.jsonl")
     p.add_argument("--out", default=None, help="where to write the PNGs (default RUN_DIR/plots)")
+    p = sub.add_parser("show-trajectory", help="print a saved sample with its masks, turns and entropies")
+    p.add_argument("file", help="a rollouts/step_*.jsonl file (written with train.save_rollouts=true)")
+    p.add_argument("--index", type=int, default=0, help="which sample of the file")
+    p.add_argument("--model", default=None, help="tokenizer to decode with (default: the run's config)")
     args = parser.parse_args(argv)
     if args.command == "plot":
         return _plot(args.run_dir, args.out)
+    if args.command == "show-trajectory":
+        return _show(args.file, args.index, args.model)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     try:
         # `agent=expert` is short for `rollout.agent=expert`
@@ -98,6 +105,24 @@ def _plot(run_dir: str, out: str | None) -> int:
         return 2
     for path in written:
         print(path)
+    return 0
+
+
+def _show(file: str, index: int, model: str | None) -> int:
+    from transformers import AutoTokenizer
+
+    from agents.engines.models import resolve_model
+    from trainer.show import load_sample, render
+
+    try:
+        sample = load_sample(file, index)
+    except (FileNotFoundError, IndexError) as exc:
+        print(f"entrorl: {exc}", file=sys.stderr)
+        return 2
+    if model is None:  # the run's config sits two levels up: <run>/rollouts/<file>
+        model = load(Path(file).resolve().parents[1] / "config.yaml").model.name
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    print(render(sample, lambda ids: tokenizer.decode(ids, skip_special_tokens=False)))
     return 0
 
 

@@ -31,6 +31,14 @@ class ModelConfig:
     gradient_checkpointing: bool = False
 
 
+# What each env id is built with unless env.kwargs says otherwise: a YAML cannot delete keys of a
+# merged default dict, so the defaults are per id instead of one dict for every env.
+ENV_DEFAULT_KWARGS: dict[str, dict[str, Any]] = {
+    "textworld": {"admissible_commands": True, "max_steps": 50},
+    "alfworld": {"admissible_commands": True, "max_steps": 50},
+}
+
+
 @dataclass
 class TaskSetConfig:
     """Which tasks to play: task ids `seeds` of the env's task source (`agents/tasks.py`), at
@@ -44,7 +52,8 @@ class TaskSetConfig:
 @dataclass
 class EnvConfig:
     id: str = "textworld"
-    kwargs: dict[str, Any] = field(default_factory=lambda: {"admissible_commands": True, "max_steps": 50})
+    # constructor arguments of the env, over ENV_DEFAULT_KWARGS[id] (applied by `finalize`)
+    kwargs: dict[str, Any] = field(default_factory=dict)
     # what the env's task source needs: textworld game knobs, an alfworld split, a math dataset
     level: dict[str, Any] = field(default_factory=dict)
     train: TaskSetConfig = field(default_factory=TaskSetConfig)
@@ -160,6 +169,7 @@ class TrainConfig:
     # auto: continue from the newest complete checkpoint in output_dir if there is one (set
     # output_dir: the default name is new each run); never: start fresh; or a checkpoint path.
     resume: str = "auto"
+    save_rollouts: bool = False  # write each step's samples to <output_dir>/rollouts/ (entrorl show-trajectory)
     max_nonfinite_steps: int = 3  # consecutive RL steps with a NaN/inf loss before the run stops
     device: str = "cpu"
 
@@ -311,6 +321,7 @@ def finalize(cfg: Config) -> None:
             f"{cfg.learner.mini_batches}: groups must stay whole in a mini-batch"
         )
     _check_named_parts(cfg)
+    cfg.env.kwargs = {**ENV_DEFAULT_KWARGS.get(cfg.env.id, {}), **cfg.env.kwargs}
 
 
 def check_world(cfg: Config, world: int) -> None:

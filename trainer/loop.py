@@ -6,6 +6,7 @@ and a shard of each step's task groups; the learner is one DeepSpeed engine over
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -195,6 +196,9 @@ class Trainer:
         for step in range(self.start_step + 1, cfg.train.steps + 1):
             metrics = self.step()
             self.logger.log(step, metrics, cfg.train.steps)
+            if cfg.train.save_rollouts:
+                save_samples(self.run_dir / "rollouts" / f"step_{step:06d}_rank{self.rank}.jsonl", self.last_samples,
+                             self.last_advantages)  # fmt: skip
             nonfinite = nonfinite + 1 if metrics.get("learner/nonfinite_steps") else 0
             if nonfinite >= cfg.train.max_nonfinite_steps:
                 self._checkpoint(step, force=True)  # the weights are intact: skipped steps never applied
@@ -263,6 +267,7 @@ class Trainer:
         result.metrics.update(shape_overlong(result.samples, cfg.algo.overlong))
         t_rollout = time.perf_counter()
         advantages, adv_metrics = compute_advantages(result.samples, cfg)
+        self.last_samples, self.last_advantages = result.samples, advantages
         t_adv = time.perf_counter()
         update_metrics = self.learner.update(result.samples, advantages)
         update_metrics.update(self._update_controllers())
@@ -351,6 +356,16 @@ class Trainer:
     def _write_summary(self, summary: dict[str, float]) -> None:
         if self.rank == 0:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def save_samples(path: Path, samples: list[Trajectory], advantages: list[torch.Tensor]) -> None:
+    """One JSON line per sample (its fields plus its per-token advantages)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for sample, advantage in zip(samples, advantages, strict=True):
+            record = dataclasses.asdict(sample)
+            record["advantages"] = [round(float(a), 5) for a in advantage]
+            f.write(json.dumps(record) + "\n")
 
 
 def _final_answer(summary: dict) -> str | None:
