@@ -32,12 +32,15 @@ from agents.brancher import (
 from agents.chat import delta_ids, render_prompt
 from agents.config import RolloutConfig, SamplingConfig
 from agents.engines.base import InferenceEngine, SamplingParams
+from agents.parsing import final_answer
 from agents.prompts import Observation, build_format
 from agents.rewards import compose
 from agents.types import GenerationResult, Trajectory
 from environments.pool import EnvError, EnvPool
 
 AGENTS = ("model", "expert")
+# Reset-info keys copied into each episode's summary["task"]: evaluation splits success by them.
+TASK_META_KEYS = ("task_type", "task_name", "subject", "level")
 
 
 @dataclass
@@ -80,6 +83,7 @@ class _Episode:
     parse_error_streak: int = 0
     stop_reason: str | None = None
     error: str | None = None
+    meta: dict = field(default_factory=dict)  # task metadata from the reset info (TASK_META_KEYS)
     parent_id: int | None = None  # branched: the episode this one was forked from
     fork_turn: int | None = None  # branched: turns [0, fork_turn) are the parent's
 
@@ -209,6 +213,8 @@ class Rollout:
                 ep.stop_reason, ep.error = outcome.reason, outcome.message
             else:
                 ep.obs = _observation(self.pool.task(ep.handle), self.pool.tools(ep.handle), *outcome)
+                info = outcome[1]
+                ep.meta = {k: info[k] for k in TASK_META_KEYS if isinstance(info.get(k), (str, int))}
         if self.cfg.agent == "expert":
             self._load_plans([ep for ep in opened if ep.stop_reason is None])
         return episodes
@@ -311,13 +317,14 @@ class Rollout:
             "env_id": ep.task.env_id,
             "group_id": ep.task.group_id,
             "traj_id": ep.traj_id,
-            "task": dict(ep.task.reset_options),
+            "task": {**ep.meta, **ep.task.reset_options},
             "actions": [t.action for t in ep.turns],
             "turn_rewards": [t.reward for t in ep.turns],
             "anchor_keys": [t.anchor_key for t in ep.turns],
             "error": ep.error,
             "parent_id": ep.parent_id,
             "fork_turn": ep.fork_turn,
+            "final_answer": _final_answer(ep),
         }
 
     def _samples(self, ep: _Episode) -> list[Trajectory]:
@@ -423,6 +430,12 @@ def anchor_key(obs: Observation | None) -> str | None:
 
 def _ends_turn(tokenizer: Any, token_ids: list[int]) -> bool:
     return bool(token_ids) and token_ids[-1] == tokenizer.eos_token_id
+
+
+def _final_answer(ep: _Episode) -> str | None:
+    """The final answer (\\boxed{}, ####, Answer:) of the last reply, for maj@k; None if none."""
+    answer = final_answer(ep.turns[-1].action) if ep.turns else None
+    return answer if isinstance(answer, str) else None
 
 
 def _fork_token(spans: list[tuple[int, int]], fork_turn: int, length: int) -> int:

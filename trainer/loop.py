@@ -21,7 +21,6 @@ import torch.distributed as dist
 
 from agents.engines.hf import HFEngine
 from agents.engines.models import resolve_model
-from agents.parsing import final_answer
 from agents.rollout import Rollout, RolloutResult
 from agents.tasks import TaskSampler, make_group_tasks, materialise
 from agents.types import Trajectory
@@ -347,7 +346,7 @@ class Trainer:
         tasks = make_group_tasks(cfg.env.id, cfg.env.kwargs, shard, cfg.env.eval.samples_per_task)
         result = self.rollout.run(tasks, cfg.train.eval_sampling, seed=cfg.train.seed + step)
         summaries = _gather(result.episodes, self.world)
-        metrics = eval_metrics(summaries, answer_of=_final_answer)
+        metrics = eval_metrics(summaries, answer_of=lambda s: s.get("final_answer"))
         metrics["eval/invalid_rate"] = sum(s["parse_errors"] for s in summaries) / max(sum(s["turns"] for s in summaries), 1)
         metrics["eval/turns"] = sum(s["turns"] for s in summaries) / max(len(summaries), 1)
         self.logger.log(step, metrics)
@@ -366,12 +365,6 @@ def save_samples(path: Path, samples: list[Trajectory], advantages: list[torch.T
             record = dataclasses.asdict(sample)
             record["advantages"] = [round(float(a), 5) for a in advantage]
             f.write(json.dumps(record) + "\n")
-
-
-def _final_answer(summary: dict) -> str | None:
-    """The final answer of an episode's last reply (math), or None."""
-    answer = final_answer(summary["actions"][-1]) if summary["actions"] else None
-    return answer if isinstance(answer, str) else None
 
 
 def _gather(items: list, world: int) -> list:
