@@ -25,6 +25,8 @@ class RolloutConfig:
     history_window: int = 0  # step mode: past (observation, action) pairs shown in the prompt
     parse_error_limit: int = 0  # consecutive unparsable replies that end an episode; 0 = never
     rewards: dict[str, float] = field(default_factory=lambda: {"success": 1.0})  # name -> weight
+    # math formats (boxed, tool_call): worked examples [{user: ..., assistant: ...}] before the question
+    fewshot: list[dict[str, str]] = field(default_factory=list)
     agent: str = "model"  # "expert": play each env's walkthrough() instead (no model; eval only)
     # Env pool (environments/pool.py). 0 = envs in this process: fastest for cheap envs (TextWorld),
     # no timeouts. N > 0 = N worker processes stepping in parallel: for slow or fragile simulators

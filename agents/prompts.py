@@ -117,12 +117,17 @@ class ActionTag(_Format):
         return ParsedAction(body)
 
 
-def _conversation(system: str, obs: Observation, history: list[tuple[str, str]]) -> list[dict]:
-    """System, the question, then the past turns as real chat turns (observation as user, reply as
-    assistant), then the current observation. The first observation of an episode is the question
-    itself and is not repeated."""
+def _conversation(
+    system: str, obs: Observation, history: list[tuple[str, str]], fewshot: list[dict] = ()
+) -> list[dict]:
+    """System, the few-shot examples as earlier chat turns, the question, then the past turns as
+    real chat turns (observation as user, reply as assistant), then the current observation. The
+    first observation of an episode is the question itself and is not repeated."""
     question = obs.task or obs.text
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    messages = [{"role": "system", "content": system}]
+    for shot in fewshot:
+        messages += [{"role": "user", "content": shot["user"]}, {"role": "assistant", "content": shot["assistant"]}]
+    messages.append({"role": "user", "content": question})
     for past_obs, past_action in history:
         if past_obs != question:
             messages.append({"role": "user", "content": past_obs})
@@ -140,8 +145,15 @@ class Boxed(_Format):
     prefill = ""
     stop: list[str] = []
 
+    def __init__(self, fallback: str = "", fewshot: list[dict] = ()):
+        super().__init__(fallback)
+        for i, shot in enumerate(fewshot):
+            if set(shot) != {"user", "assistant"}:
+                raise ValueError(f"rollout.fewshot[{i}] must have exactly the keys user and assistant, got {sorted(shot)}")
+        self.fewshot = list(fewshot)  # worked examples shown before the question (small models need them)
+
     def messages(self, obs: Observation, history: list[tuple[str, str]] = ()) -> list[dict]:
-        return _conversation(self.system, obs, history)
+        return _conversation(self.system, obs, history, self.fewshot)
 
     def followup(self, obs: Observation) -> dict:
         return {"role": "user", "content": obs.text}
@@ -165,8 +177,8 @@ class ToolCalling(Boxed):
         "compute; when you know the answer, reply without a tool call and put the final answer within \\boxed{}."
     )
 
-    def __init__(self, fallback: str = "", tools: list[dict] | None = None):
-        super().__init__(fallback)
+    def __init__(self, fallback: str = "", tools: list[dict] | None = None, fewshot: list[dict] = ()):
+        super().__init__(fallback, fewshot)
         self.tools = tools
 
     def tool_specs(self, obs: Observation) -> list[dict]:
@@ -192,7 +204,7 @@ class ToolCalling(Boxed):
         )
 
     def messages(self, obs: Observation, history: list[tuple[str, str]] = ()) -> list[dict]:
-        return _conversation(self.system_prompt(self.tool_specs(obs)), obs, history)
+        return _conversation(self.system_prompt(self.tool_specs(obs)), obs, history, self.fewshot)
 
     def parse(self, reply: str, obs: Observation) -> ParsedAction:
         calls = parse_tool_calls(reply)

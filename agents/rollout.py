@@ -106,7 +106,10 @@ class Rollout:
         self.engine = engine
         self.tokenizer = tokenizer
         self.cfg = cfg
-        self.format = build_format(cfg.format)
+        try:
+            self.format = build_format(cfg.format, **({"fewshot": cfg.fewshot} if cfg.fewshot else {}))
+        except TypeError:
+            raise ValueError(f"rollout.fewshot is set but format {cfg.format!r} takes no examples (boxed, tool_call do)") from None
         self.reward_fn = compose(cfg.rewards)
         # Lives as long as the rollout: workers (and idle envs) are reused from run to run.
         self.pool = EnvPool(cfg.env_workers, cfg.env_step_timeout, cfg.env_reset_timeout)

@@ -40,8 +40,8 @@ def resolve_model(name_or_path: str) -> str:
 
 def _materialise_embedded(name: str) -> Path:
     target = cache_root() / "models" / name
-    if (target / "model.safetensors").exists():
-        return target
+    if (target / "model.safetensors").exists() and "architectures" in (target / "config.json").read_text():
+        return target  # (a cache without `architectures` predates the save_pretrained conversion)
     package, gguf_file = EMBEDDED_MODELS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
@@ -55,7 +55,7 @@ def _materialise_embedded(name: str) -> Path:
 
 def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     import torch
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
@@ -64,11 +64,17 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     # Write beside the target and rename, so a killed conversion never leaves a half folder.
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        save_model(model, str(tmp / "model.safetensors"))  # handles the tied lm_head
         config = model.config
-        config.quantization_config = None  # the tensors are dequantised fp32 now
         if hasattr(config, "quantization_config"):
-            del config.quantization_config
+            del config.quantization_config  # the tensors are dequantised fp32 now
+        # transformers refuses save_pretrained on a GGUF-loaded model; write what it would: the
+        # class in `architectures` and a tied output layer only under the embedding's name (vLLM's
+        # loader needs both)
+        config.architectures = [type(model).__name__]
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if getattr(config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -211,3 +211,14 @@ def test_math_formats_never_raise_and_keep_the_reply(fmt):
         reply = _random_reply(rng) + rng.choice(["", "\\boxed{", "}", CALL, "<tool_call>", "####"])
         parsed = fmt.parse(reply, MATH_OBS)
         assert parsed.action == reply and (parsed.error is None or isinstance(parsed.error, str))
+
+
+def test_boxed_fewshot_examples_come_before_the_question():
+    from agents.prompts import Boxed
+
+    shots = [{"user": "Calculate 2 + 3.", "assistant": "2 + 3 = 5. The answer is \\boxed{5}."}]
+    messages = Boxed(fewshot=shots).messages(Observation(task="Calculate 4 + 4.", text="Calculate 4 + 4."))
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[1]["content"] == "Calculate 2 + 3." and messages[3]["content"] == "Calculate 4 + 4."
+    with pytest.raises(ValueError, match=r"rollout.fewshot\[0\]"):
+        Boxed(fewshot=[{"question": "x"}])
