@@ -38,14 +38,14 @@ def main() -> None:
     from agents.engines.models import resolve_model
     from agents.rollout import Rollout
     from agents.tasks import make_group_tasks, materialise
-    from trainer.config import load
+    from trainer.config import load, task_level
 
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load(args.config, [f"model.name={args.model}"] if args.model else [])
     engine = HFEngine.from_pretrained(resolve_model(cfg.model.name), device=cfg.train.device)
     seeds = list(range(*cfg.env.eval.seeds))[: args.tasks]
-    picked = materialise(cfg.env.id, seeds, {**cfg.env.level, **cfg.env.eval.level})
+    picked = materialise(cfg.env.id, seeds, task_level(cfg.env, cfg.env.eval))
     tasks = make_group_tasks(cfg.env.id, cfg.env.kwargs, picked, args.group)
     rows = []
     for policy in args.policies.split(","):

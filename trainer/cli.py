@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from trainer.config import ConfigError, load
+from trainer.config import ConfigError, load, task_level
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +77,7 @@ def expert_eval(cfg) -> dict[str, float]:
     from agents.rollout import Rollout
     from agents.tasks import make_group_tasks, materialise
 
-    level = {**cfg.env.level, **cfg.env.eval.level}
+    level = task_level(cfg.env, cfg.env.eval)
     picked = materialise(cfg.env.id, list(range(*cfg.env.eval.seeds)), level)
     tasks = make_group_tasks(cfg.env.id, cfg.env.kwargs, picked, cfg.env.eval.samples_per_task)
     rollout = Rollout(None, None, cfg.rollout)

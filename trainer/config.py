@@ -52,6 +52,10 @@ class TaskSetConfig:
 @dataclass
 class EnvConfig:
     id: str = "textworld"
+    # where the env's data lives (ALFWorld: a folder holding json_2.1.1/<split>; ScienceWorld: the
+    # L0/L1/L2 lists; math: the GSM8K/MATH-500 files); "" = $ALFWORLD_DATA or ../shared/data.
+    # Passed to the task source as the level key `data_dir`.
+    data_dir: str = ""
     # constructor arguments of the env, over ENV_DEFAULT_KWARGS[id] (applied by `finalize`)
     kwargs: dict[str, Any] = field(default_factory=dict)
     # what the env's task source needs: textworld game knobs, an alfworld split, a math dataset
@@ -322,6 +326,15 @@ def finalize(cfg: Config) -> None:
         )
     _check_named_parts(cfg)
     cfg.env.kwargs = {**ENV_DEFAULT_KWARGS.get(cfg.env.id, {}), **cfg.env.kwargs}
+
+
+def task_level(env: EnvConfig, tasks: TaskSetConfig) -> dict[str, Any]:
+    """The task source's level for a task set: env.level, then the set's own level, then
+    env.data_dir (when set) as `data_dir`."""
+    level = {**env.level, **tasks.level}
+    if env.data_dir:
+        level.setdefault("data_dir", env.data_dir)
+    return level
 
 
 def check_world(cfg: Config, world: int) -> None:

@@ -27,7 +27,7 @@ from agents.types import Trajectory
 from trainer.advantages import ADVANTAGES, AdvantageInputs
 from trainer.batch import response_tensors
 from trainer.checkpoint import Checkpointer, fsync_tree
-from trainer.config import Config, OverlongConfig, check_world, describe_sizes, to_yaml
+from trainer.config import Config, OverlongConfig, check_world, describe_sizes, task_level, to_yaml
 from trainer.evaluation import eval_metrics
 from trainer.logging import RunLogger
 from trainer.sampling import filter_groups, overlong_penalty
@@ -289,7 +289,7 @@ class Trainer:
         and trajectory ids starting at the given offsets."""
         cfg = self.cfg
         seeds = self.sampler.next(cfg.train.tasks_per_step)[self.rank :: self.world]
-        picked = materialise(cfg.env.id, seeds, {**cfg.env.level, **cfg.env.train.level})
+        picked = materialise(cfg.env.id, seeds, task_level(cfg.env, cfg.env.train))
         tasks = make_group_tasks(cfg.env.id, cfg.env.kwargs, picked, cfg.algo.group_size, first_group)
         result = self.rollout.run(tasks, cfg.sampling)
         _shift_traj_ids(result.samples, first_traj)
@@ -341,7 +341,7 @@ class Trainer:
         maj@k when tasks have several samples, and success by task type / subject / level."""
         cfg = self.cfg
         shard = materialise(
-            cfg.env.id, list(range(*cfg.env.eval.seeds))[self.rank :: self.world], {**cfg.env.level, **cfg.env.eval.level}
+            cfg.env.id, list(range(*cfg.env.eval.seeds))[self.rank :: self.world], task_level(cfg.env, cfg.env.eval)
         )
         tasks = make_group_tasks(cfg.env.id, cfg.env.kwargs, shard, cfg.env.eval.samples_per_task)
         result = self.rollout.run(tasks, cfg.train.eval_sampling, seed=cfg.train.seed + step)

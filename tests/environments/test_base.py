@@ -92,3 +92,32 @@ def test_check_env_accepts_a_correct_env():
 def test_check_env_catches_broken_envs(env, message):
     with pytest.raises(AssertionError, match=message):
         check_env(env)
+
+
+BUILT_IN = ("alfworld", "math", "scienceworld", "textworld")
+
+
+def built_in_kwargs(env_id: str, game_cache) -> dict:
+    """What each built-in env needs to reset without options (TextWorld has no default game)."""
+    if env_id == "textworld":
+        from environments.textworld_env import ensure_games
+
+        return {"game_file": ensure_games([1], cache_dir=game_cache)[0]}
+    return {}
+
+
+def test_every_built_in_id_is_checked():
+    from environments import base
+
+    entry = base._REGISTRY
+    built_in = {i for i in registered_ids() if isinstance(entry[i], str) and entry[i].startswith("environments.")}
+    assert built_in == set(BUILT_IN), "a new env id needs a check_env case here"
+
+
+@pytest.mark.parametrize("env_id", BUILT_IN)
+def test_check_env_passes_for_every_built_in_id(env_id, game_cache):
+    env = make(env_id, **built_in_kwargs(env_id, game_cache))
+    try:
+        check_env(env, seed=0)
+    finally:
+        env.close()
