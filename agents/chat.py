@@ -25,9 +25,14 @@ def _ids(encoded: Any) -> list[int]:
     return list(encoded)
 
 
-def render_prompt(tokenizer: Any, messages: list[dict], prefill: str = "") -> list[int]:
-    """Token ids of `messages` followed by the generation prompt and an optional assistant prefill."""
-    ids = _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+def render_prompt(
+    tokenizer: Any, messages: list[dict], prefill: str = "", template_kwargs: dict | None = None
+) -> list[int]:
+    """Token ids of `messages` followed by the generation prompt and an optional assistant prefill.
+    `template_kwargs` go to the chat template (e.g. Qwen3's `enable_thinking`)."""
+    ids = _ids(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **(template_kwargs or {}))
+    )
     return ids + encode(tokenizer, prefill)
 
 
@@ -40,7 +45,12 @@ def eos_text(tokenizer: Any) -> str:
 
 
 def delta_ids(
-    tokenizer: Any, history: list[dict], message: dict, reply_ended: bool, prefill: str = ""
+    tokenizer: Any,
+    history: list[dict],
+    message: dict,
+    reply_ended: bool,
+    prefill: str = "",
+    template_kwargs: dict | None = None,
 ) -> list[int]:
     """Ids to append after an assistant reply so that `message` follows and the next reply starts.
 
@@ -52,6 +62,7 @@ def delta_ids(
         [*history, {"role": "assistant", "content": _PLACEHOLDER}, message],
         add_generation_prompt=True,
         tokenize=False,
+        **(template_kwargs or {}),
     )
     suffix = rendered.split(_PLACEHOLDER, 1)[1]
     end = eos_text(tokenizer)

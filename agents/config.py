@@ -27,6 +27,8 @@ class RolloutConfig:
     rewards: dict[str, float] = field(default_factory=lambda: {"success": 1.0})  # name -> weight
     # math formats (boxed, tool_call): worked examples [{user: ..., assistant: ...}] before the question
     fewshot: list[dict[str, str]] = field(default_factory=list)
+    # extra chat-template arguments, e.g. {enable_thinking: false} for Qwen3 (thinking off)
+    chat_template_kwargs: dict = field(default_factory=dict)
     agent: str = "model"  # "expert": play each env's walkthrough() instead (no model; eval only)
     # Env pool (environments/pool.py). 0 = envs in this process: fastest for cheap envs (TextWorld),
     # no timeouts. N > 0 = N worker processes stepping in parallel: for slow or fragile simulators

@@ -232,10 +232,12 @@ class Rollout:
     def _next_prompt(self, ep: _Episode) -> list[int]:
         if self.cfg.mode == "step":
             window = ep.history[-self.cfg.history_window :] if self.cfg.history_window else []
-            prompt = render_prompt(self.tokenizer, self.format.messages(ep.obs, window), self.format.prefill)
+            prompt = render_prompt(self.tokenizer, self.format.messages(ep.obs, window), self.format.prefill, self.cfg.chat_template_kwargs)
         elif not ep.turns:
             ep.messages = self.format.messages(ep.obs)
-            prompt = ep.prompt_ids = ep.context_ids = render_prompt(self.tokenizer, ep.messages, self.format.prefill)
+            prompt = ep.prompt_ids = ep.context_ids = render_prompt(
+                self.tokenizer, ep.messages, self.format.prefill, self.cfg.chat_template_kwargs
+            )
         else:
             prompt = ep.context_ids
         if len(prompt) + self.cfg.max_new_tokens > self.cfg.max_context:
@@ -286,7 +288,9 @@ class Rollout:
         """Token-exact: sampled ids go in as they are; only the env's message is tokenized."""
         reply_ended = result.finish_reason == "stop" and _ends_turn(self.tokenizer, result.token_ids)
         message = self.format.followup(ep.obs)
-        delta = delta_ids(self.tokenizer, ep.messages, message, reply_ended, self.format.prefill)
+        delta = delta_ids(
+            self.tokenizer, ep.messages, message, reply_ended, self.format.prefill, self.cfg.chat_template_kwargs
+        )
         ep.messages = [*ep.messages, {"role": "assistant", "content": ""}, message]
         ep.deltas.append(delta)
         ep.context_ids = ep.context_ids + result.token_ids + delta

@@ -131,3 +131,34 @@ def test_every_algo_preset_trains_one_step(preset, number_model_dir, game_cache,
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 1 and record["rollout/episodes"] >= 4.0
     assert all(v == v for v in record.values() if isinstance(v, float)), "NaN in metrics"
+
+
+def test_math_rlvr_end_to_end(number_model_dir, tmp_path, monkeypatch, capsys):
+    """The math recipe through the same trainer: arithmetic problems, boxed format with few-shot
+    examples, math-verify reward, a DeepSpeed step and a greedy eval with its interval."""
+    from trainer.cli import main
+
+    monkeypatch.chdir(ROOT)
+    overrides = [
+        f"model.name={number_model_dir}",
+        f"train.output_dir={tmp_path}",
+        "train.steps=1",
+        "train.tasks_per_step=2",
+        "algo.group_size=2",
+        "env.eval.seeds=[100000,100004]",
+        "rollout.max_new_tokens=8",
+        "learner.threads=1",
+        "train.save_model=false",
+    ]
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", "configs/math/arith_cpu.yaml", *overrides]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["train/steps"] == 1.0 and 0.0 <= summary["eval/success_after"] <= 1.0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "rollout/episodes" in r]
+    assert train[0]["rollout/episodes"] == 4.0 and train[0]["rollout/turns"] == 1.0  # single-turn
+    evals = [r for r in records if "eval/success" in r]
+    assert all(r["eval/episodes"] == 4.0 and r["eval/success_lo"] <= r["eval/success"] <= r["eval/success_hi"] for r in evals)

@@ -99,3 +99,22 @@ def test_render_prompt_appends_prefill_ids(smol_tokenizer):
     assert tok.decode(bare).endswith("<|im_start|>assistant\n")
     assert render_prompt(tok, [SYSTEM, USER_1], "<action>") == bare + encode(tok, "<action>")
     assert encode(tok, "") == []
+
+
+def test_template_kwargs_reach_the_template(smol_tokenizer):
+    """Thinking on/off for templates that read a flag (Qwen3's `enable_thinking`): a template
+    that renders the flag shows it in both the prompt and the per-turn delta."""
+    import copy
+
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+    )
+    messages = [{"role": "user", "content": "hi"}]
+    on = tok.decode(render_prompt(tok, messages))
+    off = tok.decode(render_prompt(tok, messages, template_kwargs={"enable_thinking": False}))
+    assert "<think>" not in on and off.endswith("<think>\n\n</think>\n\n")
+    delta = tok.decode(delta_ids(tok, messages, {"role": "user", "content": "go"}, True, "", {"enable_thinking": False}))
+    assert delta.endswith("<think>\n\n</think>\n\n")
