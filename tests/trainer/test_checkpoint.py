@@ -170,3 +170,42 @@ def test_repeated_nan_losses_stop_the_run_with_a_checkpoint(make_trainer, tmp_pa
     assert Checkpointer(tmp_path / "nan").latest().name == "step_00000002"  # saved although save_every=0
     for name, tensor in weights(run).items():
         assert torch.equal(tensor, before[name]), f"{name} changed under NaN losses"
+
+
+def test_sigkill_mid_run_then_restart_finishes_the_run(number_model_dir, game_cache, tmp_path):
+    """A real `entrorl train` process is SIGKILLed as soon as its first checkpoint is complete
+    (so mid-step 2 or mid-save 2); the same command then resumes and finishes. No partial
+    checkpoint is loaded, the metrics file keeps every line written before the kill."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "killed"
+    cmd = [
+        sys.executable, "-m", "trainer.cli", "train", "configs/debug/cpu_tiny.yaml",
+        f"model.name={number_model_dir}", f"train.output_dir={run_dir}", "train.steps=3",
+        "train.save_every=1", "train.eval_before=false", "train.eval_after=false", "train.save_model=false",
+    ]  # fmt: skip
+    env = {**os.environ, "ENTRORL_CACHE": str(game_cache), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while Checkpointer(run_dir).latest() is None:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = (run_dir / "metrics.jsonl").read_text()
+    assert Checkpointer(run_dir).latest() is not None
+
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr
+    after = (run_dir / "metrics.jsonl").read_text()
+    assert after.startswith(before)  # append-only: nothing written before the kill was lost
+    steps = [json.loads(line)["step"] for line in after.splitlines()]
+    assert sorted(set(steps)) == [1, 2, 3] and steps[-1] == 3
+    assert [p.name for p in Checkpointer(run_dir).complete()] == ["step_00000002", "step_00000003"]
+    assert not list((run_dir / "checkpoints").glob(".step_*"))  # no temp folder left behind
