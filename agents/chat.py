@@ -69,3 +69,41 @@ def delta_ids(
     if reply_ended and end and suffix.startswith(end):
         suffix = suffix[len(end) :]
     return encode(tokenizer, suffix) + encode(tokenizer, prefill)
+
+
+def check_template(
+    tokenizer: Any, turns: list[tuple[str, str]], system: str = "", prefill: str = "", template_kwargs: dict | None = None
+) -> tuple[bool, str]:
+    """Do per-turn appends give the ids a full render of the same conversation gives?
+
+    `turns` are (user message, assistant reply) pairs. The appended ids are what a rollout
+    builds: the first prompt, then each reply as the engine would sample it (prefill + reply +
+    end-of-turn token) and the template delta to the next user message. The full render is the
+    chat template over the whole conversation. Returns (equal, report); the report names the
+    first differing position with both sides decoded around it. A difference is not always a
+    bug (templates that drop past reasoning, e.g. Qwen3's, differ by design): the trainer always
+    uses the appended ids, which are what the engine saw.
+    """
+    head = [{"role": "system", "content": system}] if system else []
+    messages = [*head, {"role": "user", "content": turns[0][0]}]
+    appended = render_prompt(tokenizer, messages, prefill, template_kwargs)
+    for k, (_, reply) in enumerate(turns):
+        appended += encode(tokenizer, reply) + [tokenizer.eos_token_id]
+        if k + 1 == len(turns):
+            break
+        message = {"role": "user", "content": turns[k + 1][0]}
+        appended += delta_ids(tokenizer, messages, message, True, prefill, template_kwargs)
+        messages = [*messages, {"role": "assistant", "content": prefill + reply}, message]
+    full_messages = [*messages, {"role": "assistant", "content": prefill + turns[-1][1]}]
+    full = _ids(tokenizer.apply_chat_template(full_messages, tokenize=True, **(template_kwargs or {})))
+    # the full render closes the last turn the template's way; compare up to our last eos
+    if full[: len(appended)] == appended:
+        return True, f"per-turn appends equal the full render ({len(appended)} tokens, {len(turns)} turns)"
+    pairs = zip(appended, full, strict=False)
+    at = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(appended), len(full)))
+    window = slice(max(at - 8, 0), at + 8)
+    return False, (
+        f"first difference at token {at} of {len(appended)}:\n"
+        f"  appended: {tokenizer.decode(appended[window])!r}\n"
+        f"  full:     {tokenizer.decode(full[window])!r}"
+    )

@@ -4,6 +4,7 @@
     entrorl eval  configs/quickstart.yaml [key=value ...]
     entrorl eval  configs/quickstart.yaml agent=expert   # play the envs' walkthroughs, no model
     entrorl plot  RUN_DIR                                 # PNG curves into RUN_DIR/plots
+    entrorl check-template MODEL [--format action_tag]    # token-exact appends vs a full render
     entrorl show-trajectory RUN_DIR/rollouts/step_000001_rank0.jsonl --index 3
 
 The last line either command prints is one JSON object with the run's summary metrics.
@@ -37,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file", help="a rollouts/step_*.jsonl file (written with train.save_rollouts=true)")
     p.add_argument("--index", type=int, default=0, help="which sample of the file")
     p.add_argument("--model", default=None, help="tokenizer to decode with (default: the run's config)")
+    p = sub.add_parser("check-template", help="do per-turn token appends equal a full chat-template render?")
+    p.add_argument("model", help="a model name, HF folder or hub id (its tokenizer and chat template)")
+    p.add_argument("--format", default="action_tag", help="agent format whose system prompt and prefill to use")
     args = parser.parse_args(argv)
+    if args.command == "check-template":
+        return _check_template(args.model, args.format)
     if args.command == "plot":
         return _plot(args.run_dir, args.out)
     if args.command == "show-trajectory":
@@ -93,6 +99,26 @@ def expert_eval(cfg) -> dict[str, float]:
     summary = {f"eval/{k}": metrics[f"rollout/{k}"] for k in ("success", "episodes", "turns")}
     summary.update({k.replace("rollout/", "eval/"): v for k, v in metrics.items() if k.startswith("rollout/stop/")})
     return summary
+
+
+def _check_template(model: str, format_name: str) -> int:
+    """Exit 0 when appends equal the full render, 1 when they differ (the report says where)."""
+    from transformers import AutoTokenizer
+
+    from agents.chat import check_template
+    from agents.engines.models import resolve_model
+    from agents.prompts import build_format
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    fmt = build_format(format_name)
+    turns = [
+        ("Goal: put the apple in the fridge.\nYou are in a kitchen.", "open fridge"),
+        ("You open the fridge. It is empty.", "take apple"),
+        ("You take the apple. {\"json\": [1, 2]} and unicode: café ✓", "put apple in fridge"),
+    ]
+    equal, report = check_template(tokenizer, turns, system=fmt.system, prefill=fmt.prefill)
+    print(f"{model} ({format_name}): {'OK' if equal else 'MISMATCH'} - {report}")
+    return 0 if equal else 1
 
 
 def _plot(run_dir: str, out: str | None) -> int:

@@ -118,3 +118,23 @@ def test_template_kwargs_reach_the_template(smol_tokenizer):
     assert "<think>" not in on and off.endswith("<think>\n\n</think>\n\n")
     delta = tok.decode(delta_ids(tok, messages, {"role": "user", "content": "go"}, True, "", {"enable_thinking": False}))
     assert delta.endswith("<think>\n\n</think>\n\n")
+
+
+def test_check_template_passes_smollm2_and_finds_a_template_that_rewrites_history(smol_tokenizer):
+    import copy
+
+    from agents.chat import check_template
+
+    turns = [("Goal: x\nYou see a box.", "open box"), ("It opens.", "take key"), ("Done?", "yes")]
+    equal, report = check_template(smol_tokenizer, turns, system="Reply in <action>.", prefill="<action>")
+    assert equal, report
+    # A template that renders past assistant turns differently from how they were sampled (here:
+    # upper-cased, like templates that strip past reasoning): appends and full render disagree.
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'] | upper }}{% else %}{{ m['content'] }}{% endif %}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    equal, report = check_template(tok, turns)
+    assert not equal and "first difference at token" in report and "OPEN BOX" in report
