@@ -164,3 +164,13 @@ def test_world_size_checks_name_the_keys_and_sizes_are_described():
     text = describe_sizes(cfg, 2)
     assert "12 (6 per rank) x group 8 = 96 episodes/step (48 per rank" in text
     assert "2 x epochs 1 = 16 optimizer steps over 8 RL steps" in text
+
+
+def test_task_level_layers_env_set_data_dir_and_split():
+    from trainer.config import task_level
+
+    cfg = load(None, ["env.level.split=train", "env.eval.level.split=valid_seen", "env.data_dir=/data/alfworld"])
+    assert task_level(cfg.env, cfg.env.train) == {"split": "train", "data_dir": "/data/alfworld"}
+    assert task_level(cfg.env, cfg.env.eval) == {"split": "valid_seen", "data_dir": "/data/alfworld"}
+    cfg = load(None, ["env.eval.level.split=valid_seen", "env.split=valid_unseen"])
+    assert task_level(cfg.env, cfg.env.eval)["split"] == "valid_unseen"

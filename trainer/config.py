@@ -56,6 +56,7 @@ class EnvConfig:
     # L0/L1/L2 lists; math: the GSM8K/MATH-500 files); "" = $ALFWORLD_DATA or ../shared/data.
     # Passed to the task source as the level key `data_dir`.
     data_dir: str = ""
+    split: str = ""  # when set, the split of every task set (e.g. `entrorl eval ... env.split=valid_unseen`)
     # constructor arguments of the env, over ENV_DEFAULT_KWARGS[id] (applied by `finalize`)
     kwargs: dict[str, Any] = field(default_factory=dict)
     # what the env's task source needs: textworld game knobs, an alfworld split, a math dataset
@@ -330,10 +331,12 @@ def finalize(cfg: Config) -> None:
 
 def task_level(env: EnvConfig, tasks: TaskSetConfig) -> dict[str, Any]:
     """The task source's level for a task set: env.level, then the set's own level, then
-    env.data_dir (when set) as `data_dir`."""
+    env.data_dir (when set) as `data_dir` and env.split (when set) as `split`."""
     level = {**env.level, **tasks.level}
     if env.data_dir:
         level.setdefault("data_dir", env.data_dir)
+    if env.split:
+        level["split"] = env.split
     return level
 
 
