@@ -61,13 +61,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(json.dumps(expert_eval(cfg)), flush=True)
         return 0
-    from trainer.loop import NonFiniteLoss, Trainer
+    from trainer.loop import LearnerOutOfMemory, NonFiniteLoss, Trainer
 
     trainer = Trainer(cfg, run_name=Path(args.config).stem, with_learner=args.command == "train")
     if args.command == "train":
         try:
             summary = trainer.train()
-        except NonFiniteLoss as exc:
+        except (NonFiniteLoss, LearnerOutOfMemory) as exc:
             print(f"entrorl: {exc}", file=sys.stderr)
             return 3
     else:

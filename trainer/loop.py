@@ -155,6 +155,10 @@ class NonFiniteLoss(RuntimeError):
     """Too many consecutive updates were skipped for NaN/inf; raised after a checkpoint."""
 
 
+class LearnerOutOfMemory(RuntimeError):
+    """The update did not fit; the message names the knobs that make it fit."""
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_name: str = "run", with_learner: bool = True):
         self.cfg = cfg
@@ -268,7 +272,14 @@ class Trainer:
         advantages, adv_metrics = compute_advantages(result.samples, cfg)
         self.last_samples, self.last_advantages = result.samples, advantages
         t_adv = time.perf_counter()
-        update_metrics = self.learner.update(result.samples, advantages)
+        try:
+            update_metrics = self.learner.update(result.samples, advantages)
+        except torch.OutOfMemoryError as exc:  # before the optimizer step: the weights are intact
+            raise LearnerOutOfMemory(
+                f"the learner ran out of memory on this step's batch ({exc}). Lower "
+                f"learner.micro_batch_tokens (now {cfg.learner.micro_batch_tokens}; the global batch "
+                "stays the same), or set model.gradient_checkpointing=true, or a higher learner.zero_stage"
+            ) from None
         update_metrics.update(self._update_controllers())
         t_update = time.perf_counter()
         self.engine.load_weights(self.learner.named_weights())

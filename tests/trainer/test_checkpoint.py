@@ -209,3 +209,16 @@ def test_sigkill_mid_run_then_restart_finishes_the_run(number_model_dir, game_ca
     assert sorted(set(steps)) == [1, 2, 3] and steps[-1] == 3
     assert [p.name for p in Checkpointer(run_dir).complete()] == ["step_00000002", "step_00000003"]
     assert not list((run_dir / "checkpoints").glob(".step_*"))  # no temp folder left behind
+
+
+def test_learner_out_of_memory_stops_with_the_knob_named(make_trainer, tmp_path):
+    from trainer.loop import LearnerOutOfMemory
+
+    run = make_trainer(tmp_path / "oom", "train.save_every=0")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    run.learner._token_stats = out_of_memory
+    with pytest.raises(LearnerOutOfMemory, match=r"learner.micro_batch_tokens \(now 2048"):
+        run.train()
