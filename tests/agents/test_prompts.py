@@ -222,3 +222,38 @@ def test_boxed_fewshot_examples_come_before_the_question():
     assert messages[1]["content"] == "Calculate 2 + 3." and messages[3]["content"] == "Calculate 4 + 4."
     with pytest.raises(ValueError, match=r"rollout.fewshot\[0\]"):
         Boxed(fewshot=[{"question": "x"}])
+
+
+# -- fuzz: no reply text makes a format raise ------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_REPLY_PIECES = st.sampled_from(
+    ["<action>", "</action>", "<tool_call>", "</tool_call>", "\\boxed{", "}", "{", '{"name": "python"', "####",
+     "Answer:", "1", "42", "\n", " ", "\udcff", "é", "\x00"]  # fmt: skip
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=st.lists(st.one_of(_REPLY_PIECES, st.text(max_size=20)), max_size=30))
+def test_no_reply_makes_a_format_raise(pieces):
+    from agents.prompts import FORMATS, build_format
+
+    reply = "".join(pieces)
+    obs = Observation(task="t", text="o", choices=["look", "take key"])
+    for name in FORMATS:
+        parsed = build_format(name).parse(reply, obs)
+        assert isinstance(parsed.action, str) and (parsed.error is None or isinstance(parsed.error, str))
+
+
+@settings(max_examples=100, deadline=None)
+@given(reply=st.text(max_size=300))
+def test_no_reply_makes_the_math_env_raise(reply):
+    import environments
+
+    env = environments.make("math", tools=["calculator"])
+    env.reset(seed=1)
+    obs, reward, terminated, truncated, info = env.step(reply)
+    assert isinstance(obs, str) and reward in (0.0, 1.0)
+    env.close()
