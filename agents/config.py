@@ -24,7 +24,9 @@ class RolloutConfig:
     max_context: int = 2048  # prompt + reply must fit; else the episode stops (context_overflow)
     history_window: int = 0  # step mode: past (observation, action) pairs shown in the prompt
     parse_error_limit: int = 0  # consecutive unparsable replies that end an episode; 0 = never
-    rewards: dict[str, float] = field(default_factory=lambda: {"success": 1.0})  # name -> weight
+    # reward terms, name -> weight (agents/rewards.py); empty = {success: 1.0}. (An empty default
+    # rather than a filled one: YAML dicts merge into defaults, so a default term could not be removed.)
+    rewards: dict[str, float] = field(default_factory=dict)
     # math formats (boxed, tool_call): worked examples [{user: ..., assistant: ...}] before the question
     fewshot: list[dict[str, str]] = field(default_factory=list)
     # extra chat-template arguments, e.g. {enable_thinking: false} for Qwen3 (thinking off)

@@ -39,6 +39,7 @@ from agents.types import GenerationResult, Trajectory
 from environments.pool import EnvError, EnvPool
 
 AGENTS = ("model", "expert")
+DEFAULT_REWARDS = {"success": 1.0}
 # Reset-info keys copied into each episode's summary["task"]: evaluation splits success by them.
 TASK_META_KEYS = ("task_type", "task_name", "subject", "level")
 
@@ -110,7 +111,7 @@ class Rollout:
             self.format = build_format(cfg.format, **({"fewshot": cfg.fewshot} if cfg.fewshot else {}))
         except TypeError:
             raise ValueError(f"rollout.fewshot is set but format {cfg.format!r} takes no examples (boxed, tool_call do)") from None
-        self.reward_fn = compose(cfg.rewards)
+        self.reward_fn = compose(cfg.rewards or DEFAULT_REWARDS)
         # Lives as long as the rollout: workers (and idle envs) are reused from run to run.
         self.pool = EnvPool(cfg.env_workers, cfg.env_step_timeout, cfg.env_reset_timeout)
 
