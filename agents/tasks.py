@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 from agents.rollout import Task
 
@@ -26,10 +27,29 @@ def task_source(env_id: str) -> Callable[[TaskSource], TaskSource]:
 
 @task_source("textworld")
 def textworld_games(seeds: list[int], level: dict) -> list[dict]:
-    """One generated game per seed at `level` (world_size, nb_objects, quest_length), cached."""
+    """One generated game per seed at `level` (world_size, nb_objects, quest_length), cached; or,
+    with `level.games` (a folder, or a list of .z8/.ulx files), the user's games: seed i plays
+    game i mod N of the sorted list."""
     from environments.textworld_env import ensure_games
 
+    if "games" in level:
+        return [{"game_file": path} for path in _user_games(level["games"], seeds)]
     return [{"game_file": path} for path in ensure_games(seeds, **level)]
+
+
+def _user_games(games: str | list[str], seeds: list[int]) -> list[str]:
+    paths = [games] if isinstance(games, str) else list(games)
+    found: list[str] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(str(p) for p in path.rglob("*") if p.suffix in (".z8", ".ulx"))
+        elif path.is_file():
+            found.append(str(path))
+        else:
+            raise FileNotFoundError(f"env.level.games: {path} is neither a game file nor a folder of .z8/.ulx games")
+    if not found:
+        raise FileNotFoundError(f"env.level.games={games!r} holds no .z8/.ulx game files")
+    return [found[seed % len(found)] for seed in seeds]
 
 
 @task_source("alfworld")

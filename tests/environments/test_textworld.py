@@ -2,6 +2,7 @@
 
 import filecmp
 import os
+from pathlib import Path
 
 import pytest
 
@@ -137,3 +138,16 @@ def test_clean_observation():
 )
 def test_first_command(action, command):
     assert first_command(action) == command
+
+
+def test_user_game_files_as_tasks(games, tmp_path):
+    """`env.level.games`: a folder (or list) of the user's own game files; seed i -> game i mod N."""
+    from agents.tasks import materialise
+
+    folder = Path(games[0]).parent
+    picked = materialise("textworld", [0, 1, 5], {"games": str(folder)})
+    every = sorted(str(p) for p in folder.rglob("*") if p.suffix in (".z8", ".ulx"))
+    assert [t["game_file"] for t in picked] == [every[0], every[1 % len(every)], every[5 % len(every)]]
+    assert materialise("textworld", [3], {"games": [games[1]]}) == [{"game_file": games[1]}]
+    with pytest.raises(FileNotFoundError, match="env.level.games"):
+        materialise("textworld", [0], {"games": str(tmp_path / "none")})
