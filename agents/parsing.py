@@ -143,3 +143,42 @@ def _strip(answer: str) -> str:
     if len(answer) >= 2 and answer[0] == answer[-1] == "$":
         answer = answer[1:-1].strip()
     return answer
+
+
+# -- token roles (entropy by role) -----------------------------------------------------------------
+
+ROLES = ("reasoning", "action", "tool_call", "answer")
+
+
+def char_roles(text: str) -> list[str]:
+    """The role of every character of a reply: inside <action>...</action> "action", inside
+    <tool_call>...</tool_call> "tool_call", inside \\boxed{...} "answer", else "reasoning"."""
+    roles = ["reasoning"] * len(text)
+    for pattern, role in ((_ACTION, "action"), (_TOOL_CALL, "tool_call")):
+        for match in pattern.finditer(text):
+            roles[match.start() : match.end()] = [role] * (match.end() - match.start())
+    for match in _BOXED.finditer(text):
+        depth, end = 1, len(text)
+        for brace in _BRACE.finditer(text, match.end()):
+            depth += 1 if brace.group() == "{" else -1
+            if depth == 0:
+                end = brace.end()
+                break
+        roles[match.start() : end] = ["answer"] * (end - match.start())
+    return roles
+
+
+def token_roles(pieces: list[str], prefill: str = "") -> list[str]:
+    """The role of each sampled token, from its decoded text `pieces` (one string per token) and
+    the format's prefill (an `<action>` prefill makes the reply an action): the role of the
+    token's first non-space character; a blank piece takes its predecessor's role."""
+    roles = char_roles(prefill + "".join(pieces))
+    out, at = [], len(prefill)
+    for piece in pieces:
+        lead = len(piece) - len(piece.lstrip())
+        if piece.strip():
+            out.append(roles[at + lead])
+        else:
+            out.append(out[-1] if out else "reasoning")
+        at += len(piece)
+    return out

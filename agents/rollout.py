@@ -32,7 +32,7 @@ from agents.brancher import (
 from agents.chat import delta_ids, render_prompt
 from agents.config import RolloutConfig, SamplingConfig
 from agents.engines.base import InferenceEngine, SamplingParams
-from agents.parsing import final_answer
+from agents.parsing import final_answer, token_roles
 from agents.prompts import Observation, build_format
 from agents.rewards import compose
 from agents.types import GenerationResult, Trajectory
@@ -397,6 +397,13 @@ class Rollout:
             **common,
         )
 
+    def _role_entropy(self, turns: list[_Turn]) -> dict[str, float]:
+        """Mean entropy of the sampled tokens by role (reasoning, action, tool_call, answer)."""
+        if self.tokenizer is None:
+            return {}
+        by_role = _role_entropy_sums(self.tokenizer, turns, self.format.prefill)
+        return {f"entropy/role/{role}": sum(hs) / len(hs) for role, hs in by_role.items()}
+
     def _metrics(self, episodes: list[_Episode], timings: Counter) -> dict[str, float]:
         n = max(len(episodes), 1)
         turns = [t for ep in episodes for t in ep.turns]
@@ -414,11 +421,24 @@ class Rollout:
         }
         for reason, count in Counter(ep.stop_reason for ep in episodes).items():
             metrics[f"rollout/stop/{reason}"] = count / n
+        metrics.update(self._role_entropy(turns))
         for k in range(max((len(ep.turns) for ep in episodes), default=0)):
             kth = [ep.turns[k].result.entropies for ep in episodes if len(ep.turns) > k]
             flat = [h for hs in kth for h in hs]
             metrics[f"entropy/turn_{k}"] = sum(flat) / max(len(flat), 1)
         return metrics
+
+
+def _role_entropy_sums(tokenizer: Any, turns: list[_Turn], prefill: str) -> dict[str, list[float]]:
+    by_role: dict[str, list[float]] = {}
+    for turn in turns:
+        ids = turn.result.token_ids
+        if not ids:
+            continue
+        pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in ids]
+        for role, entropy in zip(token_roles(pieces, prefill), turn.result.entropies, strict=True):
+            by_role.setdefault(role, []).append(entropy)
+    return by_role
 
 
 def _observation(env_task: str, tools: list[dict], text: str, info: dict) -> Observation:

@@ -189,3 +189,15 @@ def test_pathological_inputs_stay_fast():
                  "answer" + " " * 50_000, json.dumps({"name": "x", "arguments": {"a": "b" * 200_000}})):  # fmt: skip
         parse_tool_calls(text), parse_action_tag(text), parse_react(text), final_answer(text)
     assert time.perf_counter() - started < 5.0
+
+
+def test_token_roles():
+    from agents.parsing import token_roles
+
+    pieces = ["Let", " me", " add", ".", " \\boxed{", "1", "2", "}", " done"]
+    assert token_roles(pieces) == ["reasoning"] * 4 + ["answer"] * 4 + ["reasoning"]
+    # a prefilled <action>: the reply up to </action> is the action
+    assert token_roles(["open", " door", "</action>", " ok"], prefill="<action>") == ["action"] * 3 + ["reasoning"]
+    tool = ["Hmm", "<tool_call>", '{"name"', ': "python"}', "</tool_call>"]
+    assert token_roles(tool) == ["reasoning"] + ["tool_call"] * 4
+    assert token_roles(["", "x"]) == ["reasoning", "reasoning"]

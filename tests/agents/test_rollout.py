@@ -523,3 +523,13 @@ def test_branch_tree_reaches_the_tree_advantage(smol_tokenizer, games, walkthrou
     for s in samples:  # dedup: a branch trains only its own tokens, the shared prefix once
         if s.parent_id is not None:
             assert sum(s.loss_mask[: s.fork_token]) == 0 and sum(s.loss_mask[s.fork_token :]) > 0
+
+
+def test_entropy_by_token_role(smol_tokenizer, games, walkthroughs):
+    """Every reply here is `N</action>` (+ EOS) after the `<action>` prefill: all tokens are
+    action tokens, and their mean entropy is the rollout's mean entropy."""
+    tok = smol_tokenizer
+    _, result = run(tok, look_look_win(tok, walkthroughs), [task(g) for g in games], mode="step")
+    m = result.metrics
+    assert [k for k in m if k.startswith("entropy/role/")] == ["entropy/role/action"]
+    assert m["entropy/role/action"] == pytest.approx(m["entropy/rollout_mean"], rel=1e-9)
