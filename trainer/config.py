@@ -174,6 +174,7 @@ class TrainConfig:
     # auto: continue from the newest complete checkpoint in output_dir if there is one (set
     # output_dir: the default name is new each run); never: start fresh; or a checkpoint path.
     resume: str = "auto"
+    tensorboard: bool = False  # also write TensorBoard event files to <output_dir>/tensorboard
     save_rollouts: bool = False  # write each step's samples to <output_dir>/rollouts/ (entrorl show-trajectory)
     max_nonfinite_steps: int = 3  # consecutive RL steps with a NaN/inf loss before the run stops
     device: str = "cpu"

@@ -180,7 +180,7 @@ class Trainer:
         self.rollout = Rollout(self.engine, self.engine.tokenizer, cfg.rollout)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(cfg.train.output_dir or f"runs/{run_name}-{stamp}")
-        self.logger = RunLogger(self.run_dir, enabled=self.rank == 0)
+        self.logger = RunLogger(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.train.tensorboard)
         self.logger.info(describe_sizes(cfg, self.world))
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -38,3 +38,18 @@ def test_plot_cli_writes_pngs(tmp_path, capsys):
     for path in written:
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(tmp_path / "missing")]) == 2
+
+
+def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trainer.logging import RunLogger
+
+    logger = RunLogger(tmp_path, tensorboard=True)
+    logger.log(1, {"reward/mean": 0.25, "rollout/success": 0.5, "flag": True})
+    logger.log(2, {"reward/mean": 0.75})
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("reward/mean")] == [(1, 0.25), (2, 0.75)]
+    assert "flag" not in events.Tags()["scalars"]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # JSONL as always
