@@ -102,7 +102,7 @@ def test_cli_rejects_a_bad_key_before_loading_anything():
 PRESETS = sorted(p.name for p in (ROOT / "configs" / "algo").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", [*PRESETS, "grpo.yaml+lora"])
 def test_every_algo_preset_trains_one_step(preset, number_model_dir, game_cache, tmp_path, monkeypatch, capsys):
     """Each preset in configs/algo runs a real step (rollout -> its advantages -> its losses and
     regularisers -> DeepSpeed update) on the tiny model: wiring errors surface here, not on a GPU."""
@@ -123,6 +123,8 @@ def test_every_algo_preset_trains_one_step(preset, number_model_dir, game_cache,
         "train.save_model=false",
         "learner.threads=1",
     ]
+    if preset.endswith("+lora"):  # LoRA adapters, merged weights synced into the engine
+        preset, overrides = preset.removesuffix("+lora"), [*overrides, "model.lora.rank=4"]
     threads = torch.get_num_threads()
     try:
         assert main(["train", f"configs/algo/{preset}", *overrides]) == 0

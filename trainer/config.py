@@ -25,10 +25,24 @@ from trainer.schedules import SCHEDULES
 
 
 @dataclass
+class LoraConfig:
+    """Train low-rank adapters (peft) instead of every weight: rank 0 = off. The inference engine
+    always gets merged weights under the base model's names."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
 class ModelConfig:
     name: str = "smollm2-135m-instruct"  # embedded model, a local HF folder, or a hub id
     dtype: str = "float32"  # learner compute dtype on GPU: bfloat16 (fp32 master weights)
     gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 # What each env id is built with unless env.kwargs says otherwise: a YAML cannot delete keys of a
@@ -295,6 +309,10 @@ def finalize(cfg: Config) -> None:
         (
             0.0 <= cfg.learner.min_lr_ratio <= 1.0,
             f"learner.min_lr_ratio={cfg.learner.min_lr_ratio}: a fraction of learner.lr in [0, 1]",
+        ),
+        (
+            not (cfg.model.lora.rank and cfg.learner.zero_stage == 3),
+            "model.lora.rank > 0 with learner.zero_stage=3 is not supported: use zero_stage 0-2 (adapters are small)",
         ),
         (cfg.train.save_every >= 0, f"train.save_every={cfg.train.save_every}: steps between checkpoints, 0 = off"),
         (cfg.train.keep_checkpoints >= 1, f"train.keep_checkpoints={cfg.train.keep_checkpoints}: keep at least 1"),

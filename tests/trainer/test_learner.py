@@ -335,3 +335,26 @@ def test_a_nan_loss_skips_the_update_and_the_next_one_trains(model_dir, initial,
     assert metrics["learner/nonfinite_steps"] == 0.0 and metrics["learner/optimizer_steps"] == 1.0
     assert math.isfinite(metrics["loss/policy"]) and metrics["learner/grad_norm"] > 0
     assert any(not torch.equal(w, initial[name]) for name, w in params_of(learner).items())
+
+
+def test_lora_trains_only_adapters_and_syncs_merged_weights(model_dir, initial, smol_tokenizer):
+    """model.lora.rank > 0: the base weights stay frozen, the adapters learn, and the engine gets
+    merged weights (W + scale * B A) under the plain model's names."""
+    learner = make_learner(model_dir, "model.lora.rank=4", "model.lora.alpha=8")
+    trainable = [n for n, p in learner.engine.module.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    metrics = learner.update(*fixed_batch())
+    assert metrics["learner/optimizer_steps"] == 1.0
+    base = {n: p for n, p in learner.engine.module.named_parameters() if "lora_" not in n}
+    for name, param in base.items():
+        plain = name.replace("base_model.model.", "").replace(".base_layer.", ".")
+        assert torch.equal(param, initial[plain]), f"{plain} (frozen) changed"
+    merged = dict(learner.named_weights())
+    assert merged.keys() == initial.keys()
+    changed = [n for n in merged if not torch.equal(merged[n], initial[n])]
+    assert changed and all(n.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+                           for n in changed)  # fmt: skip
+    # the merged weight is exactly W + (alpha / r) B A of the adapter
+    layer = learner.engine.module.get_base_model().model.layers[0].self_attn.q_proj
+    delta = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * (8 / 4)
+    torch.testing.assert_close(merged["model.layers.0.self_attn.q_proj.weight"], initial["model.layers.0.self_attn.q_proj.weight"] + delta)

@@ -141,8 +141,10 @@ class DeepSpeedLearner:
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.config.use_cache = False
+        if cfg.model.lora.rank:
+            model = _with_lora(model, cfg.model.lora)
         optimizer = torch.optim.AdamW(
-            model.parameters(),
+            [p for p in model.parameters() if p.requires_grad],
             lr=cfg.learner.lr,
             betas=tuple(cfg.learner.betas),
             weight_decay=cfg.learner.weight_decay,
@@ -436,6 +438,7 @@ class DeepSpeedLearner:
         """Per-target log-probs and whatever entropies the configured terms need ([N] each)."""
         if model is self.engine.module:
             self._begin_forward()
+        model = _causal_lm(model)
         hidden = model.model(
             input_ids=micro.input_ids,
             position_ids=micro.position_ids,
@@ -566,6 +569,9 @@ class DeepSpeedLearner:
         """Current policy weights for the inference engine (ZeRO-3: gathered one at a time)."""
         import deepspeed
 
+        if self.cfg.model.lora.rank:
+            yield from _merged_lora_weights(self.engine.module)
+            return
         for name, param in self.engine.module.named_parameters():
             if hasattr(param, "ds_id"):
                 with deepspeed.zero.GatheredParameters([param]):
@@ -577,9 +583,41 @@ class DeepSpeedLearner:
         """A plain HF folder. Every rank must call it: under ZeRO-3 the weights are gathered."""
         state = {name: weight.cpu() for name, weight in self.named_weights()}
         if dist.get_rank() == 0:
-            self.engine.module.save_pretrained(path, state_dict=state, safe_serialization=True)
+            _causal_lm(self.engine.module).save_pretrained(path, state_dict=state, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(path)
+
+
+def _with_lora(model: torch.nn.Module, lora: Any) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
+    )
+    return get_peft_model(model, config)
+
+
+def _causal_lm(module: torch.nn.Module) -> torch.nn.Module:
+    """The HF causal LM inside a module (peft wraps it; its LoRA layers stay in place)."""
+    return module.get_base_model() if hasattr(module, "get_base_model") else module
+
+
+def _merged_lora_weights(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Base-model names and weights with the active adapters merged in (W + scale * B A), for
+    an inference engine that knows nothing of adapters."""
+    from peft.tuners.lora import LoraLayer
+
+    base = _causal_lm(module)
+    layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    for name, param in base.named_parameters():
+        if ".lora_" in name:
+            continue
+        weight = param.data.detach()
+        owner, _, leaf = name.rpartition(".base_layer.")
+        if owner and leaf == "weight":
+            layer = layers[owner]
+            weight = weight + sum(layer.get_delta_weight(a) for a in layer.active_adapters).to(weight.dtype)
+        yield name.replace(".base_layer.", "."), weight
 
 
 def _all_zero(sample: Trajectory, advantage: torch.Tensor) -> bool:
