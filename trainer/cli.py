@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(json.dumps(expert_eval(cfg)), flush=True)
         return 0
-    from trainer.loop import LearnerOutOfMemory, NonFiniteLoss, Trainer
+    from trainer.loop import LearnerOutOfMemory, NonFiniteLoss, Preempted, Trainer
 
     trainer = Trainer(cfg, run_name=Path(args.config).stem, with_learner=args.command == "train")
     if args.command == "train":
@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         except (NonFiniteLoss, LearnerOutOfMemory) as exc:
             print(f"entrorl: {exc}", file=sys.stderr)
             return 3
+        except Preempted as exc:
+            print(f"entrorl: {exc}", file=sys.stderr)
+            return 143  # 128 + SIGTERM, as a process killed by it
     else:
         summary = {"eval/success": trainer.evaluate(step=0)["eval/success"]}
     if trainer.rank == 0:

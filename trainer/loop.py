@@ -6,11 +6,14 @@ and a shard of each step's task groups; the learner is one DeepSpeed engine over
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -155,6 +158,25 @@ class NonFiniteLoss(RuntimeError):
     """Too many consecutive updates were skipped for NaN/inf; raised after a checkpoint."""
 
 
+class Preempted(RuntimeError):
+    """SIGTERM (a scheduler's preemption): the run stopped after a step, with a checkpoint."""
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+    """An Event set by SIGTERM while the block runs (the handler only records it: the step in
+    progress finishes, then the loop checkpoints and stops). Outside the main thread, a no-op."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class LearnerOutOfMemory(RuntimeError):
     """The update did not fit; the message names the knobs that make it fit."""
 
@@ -196,23 +218,17 @@ class Trainer:
         if cfg.train.eval_before and self.start_step == 0:
             summary["eval/success_before"] = self.evaluate(step=0)["eval/success"]
         nonfinite = 0  # consecutive steps whose update was skipped for a NaN/inf loss
-        for step in range(self.start_step + 1, cfg.train.steps + 1):
-            metrics = self.step()
-            self.logger.log(step, metrics, cfg.train.steps)
-            if cfg.train.save_rollouts:
-                save_samples(self.run_dir / "rollouts" / f"step_{step:06d}_rank{self.rank}.jsonl", self.last_samples,
-                             self.last_advantages)  # fmt: skip
-            nonfinite = nonfinite + 1 if metrics.get("learner/nonfinite_steps") else 0
-            if nonfinite >= cfg.train.max_nonfinite_steps:
-                self._checkpoint(step, force=True)  # the weights are intact: skipped steps never applied
-                raise NonFiniteLoss(
-                    f"{nonfinite} consecutive steps had a NaN/inf loss or gradient (up to step {step}); "
-                    f"the run stopped with a checkpoint in {self.checkpointer.root}. Lower learner.lr, "
-                    "check rewards/advantages for NaN, or raise train.max_nonfinite_steps"
-                )
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                self.evaluate(step)
-            self._checkpoint(step)
+        with _sigterm_flag() as sigterm:
+            for step in range(self.start_step + 1, cfg.train.steps + 1):
+                nonfinite = self._train_step(step, nonfinite)
+                if _any_rank(sigterm.is_set(), self.world):  # every rank stops after the same step
+                    latest = self.checkpointer.latest()
+                    if latest is None or latest.name != f"step_{step:08d}":  # not saved by _train_step
+                        self._checkpoint(step, force=True)
+                    raise Preempted(
+                        f"SIGTERM: stopped after step {step} with a checkpoint in {self.checkpointer.root}; "
+                        "run the same command (same train.output_dir) to resume"
+                    )
         if cfg.train.eval_after:
             summary["eval/success_after"] = self.evaluate(step=cfg.train.steps)["eval/success"]
         summary["train/steps"] = float(cfg.train.steps)
@@ -221,19 +237,43 @@ class Trainer:
         self._write_summary(summary)
         return summary
 
+    def _train_step(self, step: int, nonfinite: int) -> int:
+        """One RL step with its logging, NaN accounting, eval and checkpoint; returns the count
+        of consecutive non-finite steps."""
+        cfg = self.cfg
+        metrics = self.step()
+        self.logger.log(step, metrics, cfg.train.steps)
+        if cfg.train.save_rollouts:
+            save_samples(self.run_dir / "rollouts" / f"step_{step:06d}_rank{self.rank}.jsonl", self.last_samples,
+                         self.last_advantages)  # fmt: skip
+        nonfinite = nonfinite + 1 if metrics.get("learner/nonfinite_steps") else 0
+        if nonfinite >= cfg.train.max_nonfinite_steps:
+            self._checkpoint(step, force=True)  # the weights are intact: skipped steps never applied
+            raise NonFiniteLoss(
+                f"{nonfinite} consecutive steps had a NaN/inf loss or gradient (up to step {step}); "
+                f"the run stopped with a checkpoint in {self.checkpointer.root}. Lower learner.lr, "
+                "check rewards/advantages for NaN, or raise train.max_nonfinite_steps"
+            )
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+            self.evaluate(step)
+        self._checkpoint(step)
+        return nonfinite
+
     # -- checkpoints ------------------------------------------------------------------------------
 
-    def _checkpoint(self, step: int, force: bool = False) -> None:
+    def _checkpoint(self, step: int, force: bool = False) -> bool:
+        """Save if this step is due (or `force`); True when a checkpoint of `step` was written."""
         every, last = self.cfg.train.save_every, self.cfg.train.steps
         if not force and (not every or (step % every and step != last)):
-            return
+            return False
         state = {"sampler": self.sampler.state_dict(), "learner": self.learner.state_dict_extra()}
         try:
             path = self.checkpointer.save(step, self.learner, state)
         except OSError as exc:  # disk full, quota, ...: the previous checkpoint is still complete
             self.logger.info(f"[red]checkpoint at step {step} failed ({exc}); the previous one is kept[/red]")
-            return
+            return False
         self.logger.info(f"checkpoint: {path}")
+        return True
 
     def _resume(self) -> int:
         """Restore the newest complete checkpoint (train.resume=auto) or the one named; return

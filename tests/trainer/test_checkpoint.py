@@ -222,3 +222,36 @@ def test_learner_out_of_memory_stops_with_the_knob_named(make_trainer, tmp_path)
     run.learner._token_stats = out_of_memory
     with pytest.raises(LearnerOutOfMemory, match=r"learner.micro_batch_tokens \(now 2048"):
         run.train()
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint(number_model_dir, game_cache, tmp_path):
+    """A scheduler's SIGTERM: the step in progress finishes, a checkpoint is written (although
+    save_every=0), the process exits 143 saying how to resume, and the same command finishes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "term"
+    cmd = [
+        sys.executable, "-m", "trainer.cli", "train", "configs/debug/cpu_tiny.yaml",
+        f"model.name={number_model_dir}", f"train.output_dir={run_dir}", "train.steps=3",
+        "train.eval_before=false", "train.eval_after=false", "train.save_model=false",
+    ]  # fmt: skip
+    env = {**os.environ, "ENTRORL_CACHE": str(game_cache), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 600
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "SIGTERM: stopped after step" in stderr
+    latest = Checkpointer(run_dir).latest()
+    stopped_at = int(latest.name.split("_")[1])
+    assert stopped_at == len(metrics.read_text().splitlines()) and stopped_at < 3
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]

@@ -106,7 +106,10 @@ def init_distributed() -> None:
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if os.environ["WORLD_SIZE"] == "1":
+        # Only this process joins a 1-rank group, so any free port serves; an inherited
+        # MASTER_PORT (a parent process's own group) would be taken.
+        os.environ["MASTER_PORT"] = str(_free_port())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
@@ -640,6 +643,14 @@ def _chunked_top_p_entropy(hidden: torch.Tensor, weight: Head, temperature: floa
         for s in range(0, hidden.shape[0], chunk_size)
     ]
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _comm_device() -> torch.device:
