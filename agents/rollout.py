@@ -29,7 +29,7 @@ from agents.brancher import (
     initial_roots,
     step_entropy,
 )
-from agents.chat import delta_ids, render_prompt
+from agents.chat import check_template, delta_ids, render_prompt
 from agents.config import RolloutConfig, SamplingConfig
 from agents.engines.base import InferenceEngine, SamplingParams
 from agents.parsing import final_answer, token_roles
@@ -427,6 +427,20 @@ class Rollout:
             flat = [h for hs in kth for h in hs]
             metrics[f"entropy/turn_{k}"] = sum(flat) / max(len(flat), 1)
         return metrics
+
+
+def check_format_template(tokenizer: Any, format_name: str, template_kwargs: dict | None = None) -> tuple[bool, str]:
+    """`entrorl check-template`: do a 3-turn episode's per-turn appends, as this loop builds them
+    with `format_name`'s system prompt and prefill, equal a full render of the conversation?"""
+    fmt = build_format(format_name)
+    turns = [
+        ("Goal: put the apple in the fridge.\nYou are in a kitchen.", "open fridge"),
+        ("You open the fridge. It is empty.", "take apple"),
+        ('You take the apple. {"json": [1, 2]} and unicode: café ✓', "put apple in fridge"),
+    ]
+    first = Observation(task="put the apple in the fridge", text=turns[0][0], choices=["open fridge", "look"])
+    system = fmt.messages(first)[0]["content"]  # e.g. tool_call's system lists the tool specs
+    return check_template(tokenizer, turns, system=system, prefill=fmt.prefill, template_kwargs=template_kwargs)
 
 
 def _role_entropy_sums(tokenizer: Any, turns: list[_Turn], prefill: str) -> dict[str, list[float]]:

@@ -108,18 +108,11 @@ def _check_template(model: str, format_name: str) -> int:
     """Exit 0 when appends equal the full render, 1 when they differ (the report says where)."""
     from transformers import AutoTokenizer
 
-    from agents.chat import check_template
     from agents.engines.models import resolve_model
-    from agents.prompts import build_format
+    from agents.rollout import check_format_template
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
-    fmt = build_format(format_name)
-    turns = [
-        ("Goal: put the apple in the fridge.\nYou are in a kitchen.", "open fridge"),
-        ("You open the fridge. It is empty.", "take apple"),
-        ("You take the apple. {\"json\": [1, 2]} and unicode: café ✓", "put apple in fridge"),
-    ]
-    equal, report = check_template(tokenizer, turns, system=fmt.system, prefill=fmt.prefill)
+    equal, report = check_format_template(tokenizer, format_name)
     print(f"{model} ({format_name}): {'OK' if equal else 'MISMATCH'} - {report}")
     return 0 if equal else 1
 

@@ -138,3 +138,12 @@ def test_check_template_passes_smollm2_and_finds_a_template_that_rewrites_histor
     )
     equal, report = check_template(tok, turns)
     assert not equal and "first difference at token" in report and "OPEN BOX" in report
+
+
+@pytest.mark.parametrize("name", ["numbered", "action_tag", "boxed", "tool_call"])
+def test_every_format_is_token_exact_on_smollm2(smol_tokenizer, name):
+    """`entrorl check-template smollm2-135m-instruct --format NAME` passes for every format."""
+    from agents.rollout import check_format_template
+
+    equal, report = check_format_template(smol_tokenizer, name)
+    assert equal, report
