@@ -227,8 +227,30 @@ class Rollout:
         """One batched engine call over every episode whose next prompt fits; parsed replies."""
         prompts = [(ep, self._next_prompt(ep)) for ep in active]
         ready = [(ep, prompt) for ep, prompt in prompts if ep.stop_reason is None]
-        results = self.engine.generate([prompt for _, prompt in ready], params) if ready else []
-        return [(ep, self._parse(ep, prompt, result)) for (ep, prompt), result in zip(ready, results, strict=True)]
+        results = self._generate(ready, params) if ready else []
+        return [
+            (ep, self._parse(ep, prompt, result))
+            for (ep, prompt), result in zip(ready, results, strict=True)
+            if result is not None
+        ]
+
+    def _generate(self, ready: list[tuple[_Episode, list[int]]], params: SamplingParams) -> list:
+        """The batch's results. A failing call is retried once (a transient fault); if it fails
+        again, the requests go one at a time and only those that still fail end their episode
+        (`engine_error`, result None): one poisoned request never takes the batch down."""
+        for _ in range(2):
+            try:
+                return self.engine.generate([prompt for _, prompt in ready], params)
+            except Exception:  # noqa: BLE001 - any engine fault: retry, then isolate
+                continue
+        results = []
+        for ep, prompt in ready:
+            try:
+                results.append(self.engine.generate([prompt], params)[0])
+            except Exception as exc:  # noqa: BLE001
+                ep.stop_reason, ep.error = "engine_error", f"{type(exc).__name__}: {exc}"
+                results.append(None)
+        return results
 
     def _next_prompt(self, ep: _Episode) -> list[int]:
         if self.cfg.mode == "step":

@@ -20,6 +20,7 @@ STOP_REASONS = (
     "context_overflow",  # the next prompt would not fit the context window
     "parse_error_limit",  # too many unparsable replies in a row
     "env_error",  # the env raised or its worker died
+    "engine_error",  # the inference engine failed on this episode's request (after a retry)
     "timeout",  # wall-clock budget of the episode
 )
 

@@ -533,3 +533,41 @@ def test_entropy_by_token_role(smol_tokenizer, games, walkthroughs):
     m = result.metrics
     assert [k for k in m if k.startswith("entropy/role/")] == ["entropy/role/action"]
     assert m["entropy/role/action"] == pytest.approx(m["entropy/rollout_mean"], rel=1e-9)
+
+
+class FlakyEngine(ScriptedEngine):
+    """Stands in for an engine fault: `fail_calls` whole calls raise (a transient error), and any
+    call holding a prompt of a poisoned episode always raises (a request the engine cannot serve)."""
+
+    def __init__(self, reply, eos_id, fail_calls=0, poisoned=()):
+        super().__init__(reply, eos_id)
+        self.fail_calls, self.poisoned, self.failed = fail_calls, poisoned, 0
+
+    def generate(self, prompts, sampling):
+        if self.failed < self.fail_calls:
+            self.failed += 1
+            raise RuntimeError("transient engine fault")
+        if any(any(marker in p for marker in self.poisoned) for p in prompts):
+            raise RuntimeError("cannot serve this request")
+        return super().generate(prompts, sampling)
+
+
+def test_engine_faults_are_retried_and_isolated(smol_tokenizer, games, walkthroughs):
+    tok = smol_tokenizer
+    reply = look_look_win(tok, walkthroughs)
+    config = RolloutConfig(max_new_tokens=16, max_turns=6)
+    tasks = [task(g, i) for i, g in enumerate(games)]
+    engine = FlakyEngine(reply, tok.eos_token_id, fail_calls=1)  # one transient failure: retried
+    result = Rollout(engine, tok, config).run(tasks, GREEDY)
+    assert [ep["won"] for ep in result.episodes] == [True, True, True]
+    # a request the engine can never serve: poison a token that only episode 1's prompts hold
+    # (its game's text differs from the others')
+    first_prompts = ScriptedEngine(reply, tok.eos_token_id)
+    Rollout(first_prompts, tok, config).run(tasks, GREEDY)
+    own = set(first_prompts.calls[0][1]) - set(first_prompts.calls[0][0]) - set(first_prompts.calls[0][2])
+    assert own, "episode 1's first prompt should hold a token the others lack"
+    engine = FlakyEngine(reply, tok.eos_token_id, poisoned=(next(iter(own)),))
+    result = Rollout(engine, tok, config).run(tasks, GREEDY)
+    stops = [ep["stop_reason"] for ep in result.episodes]
+    assert stops[1] == "engine_error" and "cannot serve" in result.episodes[1]["error"]
+    assert stops[0] == stops[2] == "terminated" and result.episodes[0]["won"] and result.episodes[2]["won"]
