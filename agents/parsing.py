@@ -18,6 +18,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from environments.answers import BOXED, BRACE, extract_answer, last_boxed
+
 
 @dataclass(frozen=True)
 class ParseError:
@@ -103,46 +105,17 @@ def parse_react(text: str) -> ReActStep | ParseError:
     return ReActStep(name, given.group(1).strip() if given else "")
 
 
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_BRACE = re.compile(r"(?<!\\)[{}]")  # escaped braces (\{ \}) are LaTeX text, not grouping
-_HASHES = re.compile(r"####[ \t]*([^\n]*)")
-_ANSWER_LINE = re.compile(r"\banswer(?:[ \t]+is)?[ \t]*:[ \t]*([^\n]*)", re.IGNORECASE)
-
-
 def extract_boxed(text: str) -> str | ParseError:
     """The content of the last `\\boxed{...}` (or `\\fbox{...}`) whose braces close."""
-    stack, closing = [], {}
-    for match in _BRACE.finditer(text):
-        if match.group() == "{":
-            stack.append(match.start())
-        elif stack:
-            closing[stack.pop()] = match.start()
-    for match in reversed(list(_BOXED.finditer(text))):
-        opening = match.end() - 1
-        if opening in closing:
-            return text[opening + 1 : closing[opening]].strip()
-    return ParseError("no complete \\boxed{...}")
+    boxed = last_boxed(text)
+    return ParseError("no complete \\boxed{...}") if boxed is None else boxed
 
 
 def final_answer(text: str) -> str | ParseError:
-    """The final answer: the last complete `\\boxed{}`, else the last non-empty `#### ...` line
-    (GSM8K), else the last `Answer: ...` / `The answer is: ...` line; `$...$` and a final period
-    are stripped from the line forms."""
-    boxed = extract_boxed(text)
-    if not isinstance(boxed, ParseError):
-        return boxed
-    for pattern in (_HASHES, _ANSWER_LINE):
-        found = [a for a in (_strip(m) for m in pattern.findall(text)) if a]
-        if found:
-            return found[-1]
-    return ParseError("no final answer (\\boxed{...}, '#### ...' or 'Answer: ...')")
-
-
-def _strip(answer: str) -> str:
-    answer = answer.strip().rstrip(".").strip()
-    if len(answer) >= 2 and answer[0] == answer[-1] == "$":
-        answer = answer[1:-1].strip()
-    return answer
+    """The final answer (`environments/answers.py`: the last complete `\\boxed{}`, else the last
+    `#### ...` line, else the last `Answer: ...` line), or a ParseError saying none was found."""
+    answer = extract_answer(text)
+    return ParseError("no final answer (\\boxed{...}, '#### ...' or 'Answer: ...')") if answer is None else answer
 
 
 # -- token roles (entropy by role) -----------------------------------------------------------------
@@ -157,9 +130,9 @@ def char_roles(text: str) -> list[str]:
     for pattern, role in ((_ACTION, "action"), (_TOOL_CALL, "tool_call")):
         for match in pattern.finditer(text):
             roles[match.start() : match.end()] = [role] * (match.end() - match.start())
-    for match in _BOXED.finditer(text):
+    for match in BOXED.finditer(text):
         depth, end = 1, len(text)
-        for brace in _BRACE.finditer(text, match.end()):
+        for brace in BRACE.finditer(text, match.end()):
             depth += 1 if brace.group() == "{" else -1
             if depth == 0:
                 end = brace.end()

@@ -25,6 +25,7 @@ import operator
 import re
 import threading
 
+from environments.answers import extract_answer
 from environments.base import TextEnv
 from environments.math_data import arithmetic_problem, task_options
 from environments.sandbox import Limits, PythonSession, TimeoutPool
@@ -232,47 +233,6 @@ def _parse_tool_calls(reply: str) -> list[tuple[str, dict] | str]:
         else:
             calls.append((call["name"], args))
     return calls
-
-
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_BRACE = re.compile(r"(?<!\\)[{}]")  # escaped braces (\{ \}) are LaTeX text, not grouping
-_HASHES = re.compile(r"####[ \t]*([^\n]*)")
-_ANSWER_LINE = re.compile(r"\banswer(?:[ \t]+is)?[ \t]*:[ \t]*([^\n]*)", re.IGNORECASE)
-
-
-def extract_answer(reply: str) -> str | None:
-    """The final answer of a reply: the last complete `\\boxed{...}` (nested braces allowed), else
-    the last `#### ...` line, else the last `Answer: ...` line; None when there is none."""
-    boxed = _last_boxed(reply)
-    if boxed is not None:
-        return boxed
-    for pattern in (_HASHES, _ANSWER_LINE):
-        found = [_strip(m) for m in pattern.findall(reply)]
-        found = [a for a in found if a]
-        if found:
-            return found[-1]
-    return None
-
-
-def _last_boxed(text: str) -> str | None:
-    stack, closing = [], {}
-    for match in _BRACE.finditer(text):
-        if match.group() == "{":
-            stack.append(match.start())
-        elif stack:
-            closing[stack.pop()] = match.start()
-    for match in reversed(list(_BOXED.finditer(text))):
-        opening = match.end() - 1
-        if opening in closing:
-            return text[opening + 1 : closing[opening]].strip()
-    return None
-
-
-def _strip(answer: str) -> str:
-    answer = answer.strip().rstrip(".").strip()
-    if len(answer) >= 2 and answer[0] == answer[-1] == "$":
-        answer = answer[1:-1].strip()
-    return answer
 
 
 # -- checking answers --------------------------------------------------------------------------------
