@@ -45,7 +45,7 @@ ALGO_PRESETS = (
 ).split()
 
 
-def test_every_algorithm_has_a_preset_that_only_sets_algo_and_learner():
+def test_every_algorithm_has_a_preset_that_only_sets_algo_learner_and_critic():
     from omegaconf import OmegaConf
 
     for name in ALGO_PRESETS:
@@ -55,7 +55,7 @@ def test_every_algorithm_has_a_preset_that_only_sets_algo_and_learner():
         assert "arXiv" in text and "entrorl train" in text, (
             f"{path.name}: header needs the paper and the command"
         )
-        assert set(OmegaConf.load(path)) <= {"defaults", "algo", "learner"}, path.name
+        assert set(OmegaConf.load(path)) <= {"defaults", "algo", "learner", "critic"}, path.name
 
 
 def test_unknown_parts_fail_listing_the_valid_names():

@@ -39,6 +39,18 @@ class MicroBatch:
     rollout_logprobs: torch.Tensor  # [B, T]
     sample_index: list[int]  # which samples of the step's batch the B rows are
     num_tokens: int = 0  # tokens run through the model (no padding, shared prompts once)
+    old_logprobs: torch.Tensor | None = None  # [B, T] pi_old recorded before the update (off-policy)
+
+    def target_hidden(self, decoder: torch.nn.Module) -> torch.Tensor:
+        """[N, H] the decoder's last hidden states at the target positions (the inputs of the
+        LM head for the policy, of the value head for the critic)."""
+        hidden = decoder(
+            input_ids=self.input_ids,
+            position_ids=self.position_ids,
+            attention_mask=self.attention_mask,
+            use_cache=False,
+        ).last_hidden_state
+        return hidden.reshape(-1, hidden.shape[-1])[self.target_positions]
 
     def scatter(self, values: torch.Tensor) -> torch.Tensor:
         """[N] per-target values -> [B, T] layout (zeros elsewhere); keeps autograd."""
@@ -96,7 +108,9 @@ def make_micro_batch(
 ) -> MicroBatch:
     """Micro-batch of `samples[index]`; `advantages[i]` is sample i's per-response-token row."""
     row_of = {i: r for r, i in enumerate(index)}
-    segments = [_segment(samples, members, row_of) for members in group_by_prompt(samples, index, share_prefix)]
+    segments = [
+        _segment(samples, members, row_of) for members in group_by_prompt(samples, index, share_prefix)
+    ]
     rows = [segments] if pack else [[seg] for seg in segments]
     width = max(sum(len(seg.tokens) for seg in row) for row in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)

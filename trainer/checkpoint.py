@@ -4,6 +4,7 @@ Layout under `<run_dir>/checkpoints/`:
 
     step_00000012/            one complete checkpoint (the name carries the RL step)
         deepspeed/            engine.save_checkpoint: model, optimizer, LR scheduler (per-rank shards)
+        critic/               the same for the critic's engine (PPO with GAE only)
         trainer.pt            step, task-sampler position, controller state (EPO, AEnt, KL, BAPO, ...)
         rng_rank{r}.pt        each rank's python / numpy / torch (and CUDA) RNG states
         COMPLETE              written last
@@ -85,7 +86,7 @@ class Checkpointer:
         done = self.complete()
         return done[-1] if done else None
 
-    def save(self, step: int, learner: Any, trainer_state: dict[str, Any]) -> Path:
+    def save(self, step: int, learner: Any, trainer_state: dict[str, Any], critic: Any = None) -> Path:
         """Write checkpoint `step`; return its final path. On an error (disk full, ...) the
         partial folder is removed on this rank and the error propagates: the previous
         checkpoint stays the latest."""
@@ -100,6 +101,8 @@ class Checkpointer:
         _barrier()
         try:
             learner.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
+            if critic is not None:
+                critic.engine.save_checkpoint(str(tmp / "critic"), tag="state")
             torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
             if rank == 0:
                 torch.save({"step": step, **trainer_state}, tmp / "trainer.pt")
@@ -121,8 +124,9 @@ class Checkpointer:
         _barrier()
         return final
 
-    def load(self, path: str | Path, learner: Any) -> dict[str, Any]:
-        """Restore model, optimizer, scheduler and this rank's RNG; return the trainer state."""
+    def load(self, path: str | Path, learner: Any, critic: Any = None) -> dict[str, Any]:
+        """Restore model, optimizer, scheduler (and the critic's), and this rank's RNG; return
+        the trainer state."""
         path = Path(path)
         if not (path / _MARKER).is_file():
             raise FileNotFoundError(
@@ -134,6 +138,17 @@ class Checkpointer:
         )
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path / 'deepspeed'}")
+        if critic is not None:
+            if not (path / "critic").is_dir():
+                raise FileNotFoundError(
+                    f"{path} has no critic/ state (saved by a run without a critic): resume with the "
+                    "advantage estimator it was trained with, or start fresh (train.resume=never)"
+                )
+            critic_path, _ = critic.engine.load_checkpoint(
+                str(path / "critic"), tag="state", load_optimizer_states=True
+            )
+            if critic_path is None:
+                raise RuntimeError(f"DeepSpeed could not load the critic in {path / 'critic'}")
         rank_rng = path / f"rng_rank{_rank()}.pt"
         # A run resumed on a different number of ranks keeps its fresh RNG for the new ranks.
         if rank_rng.is_file():

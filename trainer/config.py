@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from agents.config import RolloutConfig, SamplingConfig
+from trainer.off_policy import ROLLOUT_IS_MODES
 from trainer.schedules import SCHEDULES
 
 
@@ -150,6 +151,10 @@ class AlgoConfig:
     dynamic_sampling: bool = False  # DAPO: refill groups whose rewards are all equal (see above)
     max_gen_batches: int = 3  # dynamic sampling: at most this many rollouts per step
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
+    # Truncated importance sampling between the engine's (behaviour) and the learner's policy,
+    # trainer/off_policy.py: none | token | sequence; weights min(pi_old / mu, rollout_is_cap).
+    rollout_is: str = "none"
+    rollout_is_cap: float = 2.0
 
 
 @dataclass
@@ -173,6 +178,19 @@ class LearnerConfig:
 
 
 @dataclass
+class CriticConfig:
+    """The value model of PPO with GAE (algorithms.md §6.6), built only when algo.advantage needs
+    critic values (`gae`). A separate copy of the backbone with a scalar head (zero-initialised,
+    so the first advantages are plain returns-to-go), its own AdamW and DeepSpeed engine; it shares
+    learner.zero_stage, micro_batch_tokens, packing, mini_batches, epochs and max_grad_norm."""
+
+    model: str = ""  # "" = model.name (the policy's initial weights); or another HF folder / model
+    lr: float = 1e-5  # constant (no schedule)
+    value_clip: float = 0.2  # PPO value clipping around the rollout-time values; 0 = off
+    warmup_steps: int = 0  # first RL steps train the critic only (the policy waits for sane values)
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     steps: int = 8
@@ -189,8 +207,15 @@ class TrainConfig:
     # output_dir: the default name is new each run); never: start fresh; or a checkpoint path.
     resume: str = "auto"
     tensorboard: bool = False  # also write TensorBoard event files to <output_dir>/tensorboard
-    save_rollouts: bool = False  # write each step's samples to <output_dir>/rollouts/ (entrorl show-trajectory)
+    save_rollouts: bool = (
+        False  # write each step's samples to <output_dir>/rollouts/ (entrorl show-trajectory)
+    )
     max_nonfinite_steps: int = 3  # consecutive RL steps with a NaN/inf loss before the run stops
+    # Off-policy mode: the engine gets the learner's weights every max_staleness + 1 steps, so
+    # rollouts come from weights up to max_staleness updates old (0 = on-policy, every step).
+    # pi_old is then recomputed by the learner when it takes several passes; pair it with
+    # algo.rollout_is to correct for the lag (the mismatch is logged as off_policy/* either way).
+    max_staleness: int = 0
     device: str = "cpu"
 
 
@@ -202,6 +227,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -301,7 +327,10 @@ def finalize(cfg: Config) -> None:
         (cfg.algo.group_size >= 1, "algo.group_size must be >= 1"),
         (cfg.train.tasks_per_step >= 1, "train.tasks_per_step must be >= 1"),
         (cfg.learner.mini_batches >= 1, "learner.mini_batches must be >= 1"),
-        (cfg.learner.zero_stage in (0, 1, 2, 3), f"learner.zero_stage={cfg.learner.zero_stage}: use 0, 1, 2 or 3"),
+        (
+            cfg.learner.zero_stage in (0, 1, 2, 3),
+            f"learner.zero_stage={cfg.learner.zero_stage}: use 0, 1, 2 or 3",
+        ),
         (
             cfg.learner.lr_scheduler in SCHEDULES,
             f"learner.lr_scheduler={cfg.learner.lr_scheduler!r}: use one of {', '.join(SCHEDULES)}",
@@ -314,8 +343,14 @@ def finalize(cfg: Config) -> None:
             not (cfg.model.lora.rank and cfg.learner.zero_stage == 3),
             "model.lora.rank > 0 with learner.zero_stage=3 is not supported: use zero_stage 0-2 (adapters are small)",
         ),
-        (cfg.train.save_every >= 0, f"train.save_every={cfg.train.save_every}: steps between checkpoints, 0 = off"),
-        (cfg.train.keep_checkpoints >= 1, f"train.keep_checkpoints={cfg.train.keep_checkpoints}: keep at least 1"),
+        (
+            cfg.train.save_every >= 0,
+            f"train.save_every={cfg.train.save_every}: steps between checkpoints, 0 = off",
+        ),
+        (
+            cfg.train.keep_checkpoints >= 1,
+            f"train.keep_checkpoints={cfg.train.keep_checkpoints}: keep at least 1",
+        ),
         (
             cfg.learner.temperature == (cfg.sampling.temperature or 1.0),
             f"learner.temperature={cfg.learner.temperature} differs from sampling.temperature="
@@ -331,6 +366,20 @@ def finalize(cfg: Config) -> None:
             0.0 <= cfg.algo.forking_tokens <= 1.0,
             f"algo.forking_tokens={cfg.algo.forking_tokens}: a fraction in [0, 1] (0.2 = the 80/20 rule, 0 = off)",
         ),
+        (
+            cfg.algo.rollout_is in ROLLOUT_IS_MODES,
+            f"algo.rollout_is={cfg.algo.rollout_is!r}: use one of {', '.join(ROLLOUT_IS_MODES)}",
+        ),
+        (
+            cfg.algo.rollout_is_cap >= 1.0,
+            f"algo.rollout_is_cap={cfg.algo.rollout_is_cap}: a cap >= 1 on pi_old / mu",
+        ),
+        (
+            cfg.train.max_staleness >= 0,
+            f"train.max_staleness={cfg.train.max_staleness}: updates of lag, >= 0",
+        ),
+        (cfg.critic.value_clip >= 0, f"critic.value_clip={cfg.critic.value_clip}: >= 0 (0 = off)"),
+        (cfg.critic.warmup_steps >= 0, f"critic.warmup_steps={cfg.critic.warmup_steps}: >= 0"),
         (
             cfg.algo.stats_scope in STATS_SCOPES,
             f"algo.stats_scope={cfg.algo.stats_scope!r}: use one of {', '.join(STATS_SCOPES)}",

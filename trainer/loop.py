@@ -42,10 +42,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def compute_advantages(samples: list[Trajectory], cfg: Config) -> tuple[list[torch.Tensor], dict[str, float]]:
-    """Registered estimator over this rank's samples (groups are whole on one rank)."""
+def compute_advantages(
+    samples: list[Trajectory], cfg: Config, values: list[torch.Tensor] | None = None
+) -> tuple[list[torch.Tensor], dict[str, float], list[torch.Tensor] | None]:
+    """Registered estimator over this rank's samples (groups are whole on one rank): per-sample
+    advantage rows, metrics, and the critic's targets (returns) when the estimator defines them.
+    `values` are the critic's per-sample rows (GAE)."""
     if not samples:
-        return [], {}
+        return [], {}, None
     loss_mask, entropies = response_tensors(samples)
     inputs = AdvantageInputs(
         rewards=torch.tensor([s.reward for s in samples], dtype=torch.float32),
@@ -53,6 +57,7 @@ def compute_advantages(samples: list[Trajectory], cfg: Config) -> tuple[list[tor
         traj_ids=torch.tensor([s.traj_id for s in samples]),
         loss_mask=loss_mask,
         entropies=entropies,
+        values=None if values is None else _pad_rows(values, loss_mask.shape),
         **_turn_inputs(samples),
         **_tree_inputs(samples),
     )
@@ -61,7 +66,27 @@ def compute_advantages(samples: list[Trajectory], cfg: Config) -> tuple[list[tor
     if out.loss_mask is not None:  # the estimator narrowed what is trained (tree prefix dedup)
         for i, s in enumerate(samples):
             s.loss_mask = [int(m) for m in out.loss_mask[i, : len(s.response_ids)].tolist()]
-    return rows, out.metrics
+    returns = (
+        None
+        if out.returns is None
+        else [out.returns[i, : len(s.response_ids)] for i, s in enumerate(samples)]
+    )
+    return rows, out.metrics, returns
+
+
+def needs_critic(cfg: Config) -> bool:
+    """Whether the configured advantage estimator reads critic values (GAE)."""
+    entry = ADVANTAGES.get(cfg.algo.advantage.name)
+    return "values" in entry.needs_for(
+        ADVANTAGES.make_params(cfg.algo.advantage.name, cfg.algo.advantage.params)
+    )
+
+
+def _pad_rows(rows: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    out = torch.zeros(shape)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
 
 
 def _tree_inputs(samples: list[Trajectory]) -> dict:
@@ -186,11 +211,15 @@ class Trainer:
         self.cfg = cfg
         seed_everything(cfg.train.seed)
         model_path = resolve_model(cfg.model.name)
-        self.learner = None
+        self.learner = self.critic = None
         if with_learner:  # `entrorl eval` needs no optimizer, no DeepSpeed
             from trainer.learner.deepspeed import DeepSpeedLearner
 
             self.learner = DeepSpeedLearner(cfg, model_path)
+            if needs_critic(cfg):
+                from trainer.learner.critic import DeepSpeedCritic
+
+                self.critic = DeepSpeedCritic(cfg, model_path)
         distributed = dist.is_available() and dist.is_initialized()
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         check_world(cfg, self.world)
@@ -211,6 +240,8 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, cfg.train.keep_checkpoints)
         # Last: a resume restores the RNG states, which everything above has consumed.
         self.start_step = self._resume() if with_learner else 0
+        self.current_step = self.start_step  # the RL step in progress (1-based once training)
+        self._synced_step = self.start_step  # the engine holds the weights after this step
 
     def train(self) -> dict[str, float]:
         cfg = self.cfg
@@ -241,6 +272,7 @@ class Trainer:
         """One RL step with its logging, NaN accounting, eval and checkpoint; returns the count
         of consecutive non-finite steps."""
         cfg = self.cfg
+        self.current_step = step
         metrics = self.step()
         self.logger.log(step, metrics, cfg.train.steps)
         if cfg.train.save_rollouts:
@@ -268,11 +300,13 @@ class Trainer:
             return False
         state = {"sampler": self.sampler.state_dict(), "learner": self.learner.state_dict_extra()}
         try:
-            path = self.checkpointer.save(step, self.learner, state)
+            path = self.checkpointer.save(step, self.learner, state, critic=self.critic)
         except OSError as exc:  # disk full, quota, ...: the previous checkpoint is still complete
             self.logger.info(f"[red]checkpoint at step {step} failed ({exc}); the previous one is kept[/red]")
             return False
         self.logger.info(f"checkpoint: {path}")
+        if self._synced_step != step:  # off-policy lag: a resume starts in sync, so must this run
+            self._sync_engine()
         return True
 
     def _resume(self) -> int:
@@ -284,7 +318,7 @@ class Trainer:
         path = self.checkpointer.latest() if mode == "auto" else Path(mode)
         if path is None:
             return 0
-        state = self.checkpointer.load(path, self.learner)
+        state = self.checkpointer.load(path, self.learner, critic=self.critic)
         self.sampler.load_state_dict(state["sampler"])
         self.learner.load_state_dict_extra(state["learner"])
         self.engine.load_weights(self.learner.named_weights())
@@ -309,20 +343,18 @@ class Trainer:
         result = self._collect() if cfg.algo.dynamic_sampling else self._rollout_batch(0, 0)
         result.metrics.update(shape_overlong(result.samples, cfg.algo.overlong))
         t_rollout = time.perf_counter()
-        advantages, adv_metrics = compute_advantages(result.samples, cfg)
+        values = self.critic.values(result.samples) if self.critic is not None else None
+        advantages, adv_metrics, returns = compute_advantages(result.samples, cfg, values)
         self.last_samples, self.last_advantages = result.samples, advantages
         t_adv = time.perf_counter()
-        try:
-            update_metrics = self.learner.update(result.samples, advantages)
-        except torch.OutOfMemoryError as exc:  # before the optimizer step: the weights are intact
-            raise LearnerOutOfMemory(
-                f"the learner ran out of memory on this step's batch ({exc}). Lower "
-                f"learner.micro_batch_tokens (now {cfg.learner.micro_batch_tokens}; the global batch "
-                "stays the same), or set model.gradient_checkpointing=true, or a higher learner.zero_stage"
-            ) from None
+        update_metrics = self._update(result.samples, advantages)
+        if self.critic is not None:
+            update_metrics.update(self.critic.update(result.samples, returns, values))
         update_metrics.update(self._update_controllers())
         t_update = time.perf_counter()
-        self.engine.load_weights(self.learner.named_weights())
+        staleness = self.current_step - 1 - self._synced_step  # updates the rollout's weights lagged
+        if self.current_step % (cfg.train.max_staleness + 1) == 0:
+            self._sync_engine()
         t_sync = time.perf_counter()
         metrics = {**result.metrics, **adv_metrics, **update_metrics, **_reward_metrics(result)}
         metrics.update(
@@ -331,9 +363,30 @@ class Trainer:
                 "time/advantage": t_adv - t_rollout,
                 "time/sync": t_sync - t_update,
                 "time/step": t_sync - started,
+                "rollout/staleness": float(max(staleness, 0)),
             }
         )
         return _mean_over_ranks(metrics)
+
+    def _sync_engine(self) -> None:
+        """The learner's weights into the rollout engine."""
+        self.engine.load_weights(self.learner.named_weights())
+        self._synced_step = self.current_step
+
+    def _update(self, samples: list[Trajectory], advantages: list[torch.Tensor]) -> dict[str, float]:
+        """The policy update (none while the critic warms up)."""
+        cfg = self.cfg
+        if self.critic is not None and self.current_step <= cfg.critic.warmup_steps:
+            self.learner.controller_stats = {}  # no update: controllers must not step either
+            return {"learner/critic_warmup": 1.0}
+        try:
+            return self.learner.update(samples, advantages)
+        except torch.OutOfMemoryError as exc:  # before the optimizer step: the weights are intact
+            raise LearnerOutOfMemory(
+                f"the learner ran out of memory on this step's batch ({exc}). Lower "
+                f"learner.micro_batch_tokens (now {cfg.learner.micro_batch_tokens}; the global batch "
+                "stays the same), or set model.gradient_checkpointing=true, or a higher learner.zero_stage"
+            ) from None
 
     def _rollout_batch(self, first_group: int, first_traj: int) -> RolloutResult:
         """Roll out this rank's share of the sampler's next `tasks_per_step` tasks, with group
@@ -391,14 +444,20 @@ class Trainer:
         """Play the eval tasks (sharded over ranks) and log success with its interval, pass@k and
         maj@k when tasks have several samples, and success by task type / subject / level."""
         cfg = self.cfg
+        if self.learner is not None and self._synced_step != self.current_step:  # off-policy lag
+            self._sync_engine()
         shard = materialise(
-            cfg.env.id, list(range(*cfg.env.eval.seeds))[self.rank :: self.world], task_level(cfg.env, cfg.env.eval)
+            cfg.env.id,
+            list(range(*cfg.env.eval.seeds))[self.rank :: self.world],
+            task_level(cfg.env, cfg.env.eval),
         )
         tasks = make_group_tasks(cfg.env.id, cfg.env.kwargs, shard, cfg.env.eval.samples_per_task)
         result = self.rollout.run(tasks, cfg.train.eval_sampling, seed=cfg.train.seed + step)
         summaries = _gather(result.episodes, self.world)
         metrics = eval_metrics(summaries, answer_of=lambda s: s.get("final_answer"))
-        metrics["eval/invalid_rate"] = sum(s["parse_errors"] for s in summaries) / max(sum(s["turns"] for s in summaries), 1)
+        metrics["eval/invalid_rate"] = sum(s["parse_errors"] for s in summaries) / max(
+            sum(s["turns"] for s in summaries), 1
+        )
         metrics["eval/turns"] = sum(s["turns"] for s in summaries) / max(len(summaries), 1)
         self.logger.log(step, metrics)
         return metrics

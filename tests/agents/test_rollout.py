@@ -518,7 +518,7 @@ def test_branch_tree_reaches_the_tree_advantage(smol_tokenizer, games, walkthrou
     cfg = Config()
     cfg.algo.advantage = NamedConfig("grpo_tree", {"attribution": "hard", "dedup_prefix": True})
     samples = result.samples
-    rows, metrics = compute_advantages(samples, cfg)
+    rows, metrics, _ = compute_advantages(samples, cfg)
     assert metrics["adv/shared_prefix_frac"] > 0
     for s in samples:  # dedup: a branch trains only its own tokens, the shared prefix once
         if s.parent_id is not None:

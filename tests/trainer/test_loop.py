@@ -60,7 +60,7 @@ def row_values(rows):
 
 
 def test_gigpo_through_compute_advantages():
-    rows, metrics = compute_advantages(two_episodes(), config("gigpo", gamma=0.95, step_weight=1.0))
+    rows, metrics, _ = compute_advantages(two_episodes(), config("gigpo", gamma=0.95, step_weight=1.0))
     # A^E: episode rewards (1, 1, 0, 0) per sample, mean 0.5, mean_norm -> +-0.5.
     # Step returns: ep0 (0 + 0.95 * 1, 1), ep1 (0, 0). Anchor s0 = {0.95, 0}: mean 0.475 ->
     # A^S = +-0.475; a1 and b1 are singletons -> 0.
@@ -77,7 +77,7 @@ def test_gigpo_needs_step_wise_samples():
 def test_empg_through_compute_advantages():
     # Mean turn entropies (0, 1, 0.5, 1): min-max normalised to the same values.
     samples = two_episodes(entropies=((0.0, 0.0), (1.0,), (0.25, 0.75), (1.0,)))
-    rows, _ = compute_advantages(samples, config("empg", k=1.0, k_next=1.0, zeta=0.05, eps=0.0, norm_by_std=False))
+    rows, _, _ = compute_advantages(samples, config("empg", k=1.0, k_next=1.0, zeta=0.05, eps=0.0, norm_by_std=False))
     h = [0.0, 1.0, 0.5, 1.0]
     scale = [math.exp(-x) for x in h]
     scale = [x / (sum(scale) / 4) for x in scale]

@@ -51,6 +51,7 @@ from trainer.losses import (
     masked_mean,
     with_token_weights,
 )
+from trainer.off_policy import mismatch_metrics, rollout_is_weights
 from trainer.regularizers import REGULARIZERS, top_p_entropy_from_logits
 from trainer.schedules import lr_multiplier
 
@@ -68,7 +69,8 @@ _SUPPORTED_NEEDS = {
     "traj_ids",
 }
 _DETACHED_FOR_POLICY = ("entropy", "clamped_entropy", "top_p_entropy")
-_SUMMED_STATS = ("bapo/",)  # controller stats that are sums (BAPO grid sums), not token means
+_SUMMED_STATS = ("bapo/",)
+_MIN_MICRO_BATCH_TOKENS = 64  # below this an OOM is not a micro-batch size problem  # controller stats that are sums (BAPO grid sums), not token means
 
 
 @dataclass
@@ -79,6 +81,15 @@ class _Term:
     fn: Any
     mode: str
     controller: Controller | None
+
+
+@dataclass
+class _MiniBatch:
+    """The samples of one optimizer step, their advantage rows and (off-policy) recorded pi_old."""
+
+    samples: list[Trajectory]
+    advantages: list[torch.Tensor]
+    old_logprobs: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -156,7 +167,9 @@ class DeepSpeedLearner:
         learner, total = cfg.learner, optimizer_steps(cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda step: lr_multiplier(step, total, learner.warmup_steps, learner.lr_scheduler, learner.min_lr_ratio),
+            lambda step: lr_multiplier(
+                step, total, learner.warmup_steps, learner.lr_scheduler, learner.min_lr_ratio
+            ),
         )
         # DeepSpeed steps the scheduler with each optimizer step and checkpoints it.
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -164,6 +177,8 @@ class DeepSpeedLearner:
         )
         self.world_size = dist.get_world_size()
         self.ref_model = self._build_reference(model_path) if "ref_logprobs" in self.needs else None
+        self.micro_batch_tokens = cfg.learner.micro_batch_tokens  # halved by an OOM retry
+        self._backward_ran = False  # within the current mini-batch (OOM retry safety)
         self.controller_stats: dict[str, float] = {}  # the last update's reduced metrics
         self._stat_sums: dict[str, float] = defaultdict(float)
         self._stat_weights: dict[str, float] = defaultdict(float)
@@ -259,10 +274,15 @@ class DeepSpeedLearner:
         step_totals: dict[str, float] = defaultdict(float)  # summed over optimizer steps
         self._stat_sums.clear()
         self._stat_weights.clear()
+        old = self._recorded_old_logprobs(samples) if self._recompute_old() else None
         for _ in range(self.cfg.learner.epochs):
             for index in _split(len(samples), self.cfg.learner.mini_batches):
-                batch = [samples[i] for i in index]
-                self._mini_batch_step(batch, [advantages[i] for i in index], micro_totals, step_totals)
+                batch = _MiniBatch(
+                    [samples[i] for i in index],
+                    [advantages[i] for i in index],
+                    None if old is None else [old[i] for i in index],
+                )
+                self._mini_batch_step_or_retry(batch, micro_totals, step_totals)
         self.controller_stats = self._reduce_stats(len(samples))
         if step_totals["learner/nonfinite_steps"]:
             self.controller_stats = {}  # NaN statistics must not reach EPO/AEnt/KL history
@@ -285,16 +305,59 @@ class DeepSpeedLearner:
         # without prompt sharing would run through the model
         metrics["learner/batch_tokens"] = step_totals["batch_tokens"]
         metrics["learner/lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["learner/oom_retries"] = step_totals["learner/oom_retries"]
+        metrics["learner/micro_batch_tokens"] = float(self.micro_batch_tokens)
         metrics["time/update"] = elapsed
         return metrics
 
-    def _mini_batch_step(
-        self,
-        samples: list[Trajectory],
-        advantages: list[torch.Tensor],
-        micro_totals: dict[str, float],
-        step_totals: dict[str, float],
+    def _mini_batch_step_or_retry(
+        self, batch: _MiniBatch, micro_totals: dict[str, float], step_totals: dict[str, float]
     ) -> None:
+        """One mini-batch; on out-of-memory (one rank), drop its partial gradients and run it
+        again with half the micro-batch token budget, which stays lowered for the rest of the run.
+        The mini-batch (so the global batch and the update) is unchanged: only how it is split.
+
+        Raised instead (the loop then stops naming the knobs) with several ranks: the other
+        ranks are already inside this micro-batch's gradient collectives, so a retry cannot be
+        agreed without a collective per micro-batch; and under ZeRO 1-3 once a backward of the
+        mini-batch has run: ZeRO keeps the accumulated gradients in its own partitioned
+        buffers, which cannot be rolled back. Micro-batches are planned largest first, so the
+        usual OOM (the first forward) is retried under every stage."""
+        while True:
+            stats = (dict(self._stat_sums), dict(self._stat_weights))
+            micro, step = defaultdict(float), defaultdict(float)
+            try:
+                self._mini_batch_step(batch, micro, step)
+                break
+            except torch.OutOfMemoryError:
+                rolled_back = self.cfg.learner.zero_stage == 0 or not self._backward_ran
+                if self.world_size > 1 or not rolled_back or not self._can_split_further(batch.samples):
+                    raise
+                self._stat_sums, self._stat_weights = (defaultdict(float, d) for d in stats)
+                self.engine.zero_grad()  # the failed attempt's partial gradients
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.micro_batch_tokens //= 2
+                step_totals["learner/oom_retries"] += 1
+                print(
+                    f"[entrorl] learner out of memory: retrying the mini-batch with "
+                    f"learner.micro_batch_tokens={self.micro_batch_tokens} (set it in the config to skip this)",
+                    file=sys.stderr,
+                )
+        for totals, part in ((micro_totals, micro), (step_totals, step)):
+            for key, value in part.items():
+                totals[key] += value
+
+    def _can_split_further(self, samples: list[Trajectory]) -> bool:
+        """Whether half the token budget gives more micro-batches (a prompt group is never split)."""
+        index, share = list(range(len(samples))), self.cfg.learner.share_prefix
+        now = plan_by_prompt(samples, index, self.micro_batch_tokens, share)
+        return len(plan_by_prompt(samples, index, self.micro_batch_tokens // 2, share)) > len(now)
+
+    def _mini_batch_step(
+        self, batch: _MiniBatch, micro_totals: dict[str, float], step_totals: dict[str, float]
+    ) -> None:
+        samples, advantages, old_logprobs = batch.samples, batch.advantages, batch.old_logprobs
         num_tokens, num_seqs = _global_counts(samples)
         skip = self._skip_allowed()
         keep = [i for i, s in enumerate(samples) if not (skip and _all_zero(s, advantages[i]))]
@@ -303,7 +366,7 @@ class DeepSpeedLearner:
         step_totals["sequence_tokens"] += sum(lengths[i] for i in keep)
         step_totals["batch_tokens"] += sum(lengths)
         learner = self.cfg.learner
-        plan = plan_by_prompt(samples, keep, learner.micro_batch_tokens, learner.share_prefix)
+        plan = plan_by_prompt(samples, keep, self.micro_batch_tokens, learner.share_prefix)
         # Every rank must run the same number of backward passes (ZeRO hangs otherwise).
         n_micro = _max_over_ranks(len(plan))
         grad_norm = 0.0
@@ -312,12 +375,16 @@ class DeepSpeedLearner:
         micros = [
             make_micro_batch(samples, advantages, idx, learner.packing, learner.share_prefix) for idx in plan
         ]
+        if old_logprobs is not None:
+            for micro in micros:
+                micro.old_logprobs = _rows(old_logprobs, micro)
         selections, policy_tokens = self._forking_selection(micros, n_micro, num_tokens)
         counts = _Counts(num_tokens, num_seqs, policy_tokens)
         if self.cfg.algo.forking_tokens > 0:
             step_totals["loss/selected_frac"] += policy_tokens / max(num_tokens, 1)
         term_keys = ["loss/total", "loss/policy"] + [f"loss/{t.key}" for t in self.regularizers]
         term_sums = torch.zeros(len(term_keys), dtype=torch.float64)
+        self._backward_ran = False
         for k in range(n_micro):
             self.engine.set_gradient_accumulation_boundary(k == n_micro - 1)
             if k < len(micros):
@@ -330,6 +397,7 @@ class DeepSpeedLearner:
                 micro_totals["_tokens"] += float(micro.num_tokens)
             else:  # this rank has fewer micro-batches: a zero-loss pass keeps the collectives aligned
                 loss = self._dummy_loss()
+            self._backward_ran = True  # set before: an OOM inside backward leaves partial gradients
             self.engine.backward(loss)
             if k == n_micro - 1 and learner.zero_stage == 0:  # DeepSpeed records no norm there (fp32)
                 grad_norm = _grad_norm(self.engine.module)
@@ -382,6 +450,21 @@ class DeepSpeedLearner:
             f: getattr(inputs, f).detach() for f in _DETACHED_FOR_POLICY if getattr(inputs, f) is not None
         }
         policy_inputs = dataclasses.replace(inputs, loss_mask=policy_mask, **detached)
+        mode = self.cfg.algo.rollout_is
+        metrics.update(
+            {
+                k: float(v)
+                for k, v in mismatch_metrics(
+                    inputs.old_logprobs, micro.rollout_logprobs, micro.loss_mask
+                ).items()
+            }
+        )
+        if mode != "none":
+            is_weights = rollout_is_weights(
+                inputs.old_logprobs, micro.rollout_logprobs, policy_mask, mode, self.cfg.algo.rollout_is_cap
+            )
+            policy_inputs = with_token_weights(policy_inputs, is_weights)
+            metrics["off_policy/is_weight_mean"] = float(masked_mean(is_weights, policy_mask))
         if self.token_weights is not None:
             weighting = self.token_weights(policy_inputs)
             policy_inputs = with_token_weights(policy_inputs, weighting.token_weights)
@@ -425,10 +508,40 @@ class DeepSpeedLearner:
         # DeepSpeed averages gradients over ranks; the global counts already normalise.
         return loss * self.world_size, values, metrics, weights
 
+    def _single_pass(self) -> bool:
+        return self.cfg.learner.epochs == 1 and self.cfg.learner.mini_batches == 1
+
+    def _recompute_old(self) -> bool:
+        """pi_old must be recomputed (a no-grad pass before the first optimizer step) when later
+        mini-batches or epochs need it and the engine's weights may lag the learner's."""
+        return not self._single_pass() and self.cfg.train.max_staleness > 0
+
     def _old_logprobs(self, micro: MicroBatch, logprobs: torch.Tensor) -> torch.Tensor:
-        if self.cfg.learner.epochs == 1 and self.cfg.learner.mini_batches == 1:
+        if self._single_pass():  # pi_old is the current policy: no second forward needed
             return logprobs.detach()
-        return micro.rollout_logprobs  # off-policy passes: the behaviour policy's own logprobs
+        if micro.old_logprobs is not None:  # recorded before this update's first optimizer step
+            return micro.old_logprobs
+        return micro.rollout_logprobs  # the engine had the learner's weights: mu = pi_old
+
+    @torch.no_grad()
+    def _recorded_old_logprobs(self, samples: list[Trajectory]) -> list[torch.Tensor]:
+        """Each sample's [T_i] log-probs under the current weights (pi_old of this update)."""
+        out = [torch.zeros(len(s.response_ids)) for s in samples]
+        learner = self.cfg.learner
+        plan = plan_by_prompt(
+            samples, list(range(len(samples))), self.micro_batch_tokens, learner.share_prefix
+        )
+        zeros = [torch.zeros(len(s.response_ids)) for s in samples]
+        for k in range(_max_over_ranks(len(plan))):  # same forwards on every rank (ZeRO-3)
+            if k >= len(plan):
+                self._dummy_forward()
+                continue
+            micro = make_micro_batch(samples, zeros, plan[k], learner.packing, learner.share_prefix)
+            stats, _ = self._token_stats(self.engine.module, micro, logprobs_only=True)
+            rows = micro.scatter(stats.logprobs)
+            for r, i in enumerate(micro.sample_index):
+                out[i] = rows[r, : len(samples[i].response_ids)]
+        return out
 
     def _token_stats(
         self,
@@ -442,13 +555,7 @@ class DeepSpeedLearner:
         if model is self.engine.module:
             self._begin_forward()
         model = _causal_lm(model)
-        hidden = model.model(
-            input_ids=micro.input_ids,
-            position_ids=micro.position_ids,
-            attention_mask=micro.attention_mask,
-            use_cache=False,
-        ).last_hidden_state
-        targets = hidden.reshape(-1, hidden.shape[-1])[micro.target_positions]
+        targets = micro.target_hidden(model.model)
         weight = model.lm_head if self.cfg.learner.zero_stage == 3 else model.lm_head.weight  # see `project`
         temperature = self.cfg.learner.temperature
         stats = token_stats_from_hidden(
@@ -595,7 +702,10 @@ def _with_lora(model: torch.nn.Module, lora: Any) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
     )
     return get_peft_model(model, config)
 
@@ -623,12 +733,23 @@ def _merged_lora_weights(module: torch.nn.Module) -> Iterator[tuple[str, torch.T
         yield name.replace(".base_layer.", "."), weight
 
 
+def _rows(per_sample: list[torch.Tensor], micro: MicroBatch) -> torch.Tensor:
+    """The micro-batch's samples' rows of a per-sample list, in its [B, T] layout."""
+    out = torch.zeros_like(micro.loss_mask)
+    for r, i in enumerate(micro.sample_index):
+        row = per_sample[i][: out.shape[1]]
+        out[r, : len(row)] = row
+    return out
+
+
 def _all_zero(sample: Trajectory, advantage: torch.Tensor) -> bool:
     mask = torch.tensor(sample.loss_mask, dtype=torch.bool)
     return bool((advantage[: len(mask)][mask] == 0).all())
 
 
-def _chunked_top_p_entropy(hidden: torch.Tensor, weight: Head, temperature: float, chunk_size: int = 1024) -> torch.Tensor:
+def _chunked_top_p_entropy(
+    hidden: torch.Tensor, weight: Head, temperature: float, chunk_size: int = 1024
+) -> torch.Tensor:
     """SIREN's nucleus entropy [N] from target hidden states [N, H], one chunk of logits at a
     time (checkpointed, so the backward recomputes a chunk's logits too)."""
 
