@@ -107,6 +107,18 @@ class OverlongConfig:
 
 
 @dataclass
+class KLRewardConfig:
+    """KL to the reference policy as a per-token reward penalty (verl's use_kl_in_reward): the
+    rewards become r_t = -coef * KL_t (+ the sequence reward on the last token), estimated on
+    the rollout's own log-probs (`trainer/regularizers.kl_in_reward`). coef 0 = off. Builds the
+    reference model. (The in-loss alternative is the `kl` regulariser, with adaptive control.)"""
+
+    coef: float = 0.0
+    kind: str = "k1"  # k1 | k2 | k3
+    clamp: float | None = None  # k3 only
+
+
+@dataclass
 class AlgoConfig:
     """What the update optimises: advantage estimator, policy loss, regularisers, token hooks.
 
@@ -151,6 +163,7 @@ class AlgoConfig:
     dynamic_sampling: bool = False  # DAPO: refill groups whose rewards are all equal (see above)
     max_gen_batches: int = 3  # dynamic sampling: at most this many rollouts per step
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
+    kl_in_reward: KLRewardConfig = field(default_factory=KLRewardConfig)
     # Truncated importance sampling between the engine's (behaviour) and the learner's policy,
     # trainer/off_policy.py: none | token | sequence; weights min(pi_old / mu, rollout_is_cap).
     rollout_is: str = "none"
@@ -373,6 +386,14 @@ def finalize(cfg: Config) -> None:
         (
             cfg.algo.rollout_is_cap >= 1.0,
             f"algo.rollout_is_cap={cfg.algo.rollout_is_cap}: a cap >= 1 on pi_old / mu",
+        ),
+        (
+            cfg.algo.kl_in_reward.kind in ("k1", "k2", "k3"),
+            f"algo.kl_in_reward.kind={cfg.algo.kl_in_reward.kind!r}: use k1, k2 or k3",
+        ),
+        (
+            cfg.algo.kl_in_reward.coef >= 0,
+            f"algo.kl_in_reward.coef={cfg.algo.kl_in_reward.coef}: >= 0 (0 = off)",
         ),
         (
             cfg.train.max_staleness >= 0,

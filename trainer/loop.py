@@ -33,6 +33,7 @@ from trainer.checkpoint import Checkpointer, fsync_tree
 from trainer.config import Config, OverlongConfig, check_world, describe_sizes, task_level, to_yaml
 from trainer.evaluation import eval_metrics
 from trainer.logging import RunLogger
+from trainer.regularizers import kl_in_reward
 from trainer.sampling import filter_groups, overlong_penalty
 
 
@@ -43,16 +44,30 @@ def seed_everything(seed: int) -> None:
 
 
 def compute_advantages(
-    samples: list[Trajectory], cfg: Config, values: list[torch.Tensor] | None = None
+    samples: list[Trajectory],
+    cfg: Config,
+    values: list[torch.Tensor] | None = None,
+    ref_logprobs: list[torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, float], list[torch.Tensor] | None]:
     """Registered estimator over this rank's samples (groups are whole on one rank): per-sample
     advantage rows, metrics, and the critic's targets (returns) when the estimator defines them.
-    `values` are the critic's per-sample rows (GAE)."""
+    `values` are the critic's per-sample rows (GAE); `ref_logprobs` the reference's, for
+    algo.kl_in_reward."""
     if not samples:
         return [], {}, None
     loss_mask, entropies = response_tensors(samples)
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+    token_rewards, kl_metrics = None, {}
+    if ref_logprobs is not None and cfg.algo.kl_in_reward.coef > 0:
+        kl = cfg.algo.kl_in_reward
+        rollout = _pad_rows([torch.tensor(s.rollout_logprobs) for s in samples], loss_mask.shape)
+        reference = _pad_rows(ref_logprobs, loss_mask.shape)
+        rewards, token_rewards, kl_metrics = kl_in_reward(
+            rewards, rollout, reference, loss_mask, kl.coef, kl.kind, kl.clamp
+        )
     inputs = AdvantageInputs(
-        rewards=torch.tensor([s.reward for s in samples], dtype=torch.float32),
+        rewards=rewards,
+        token_rewards=token_rewards,
         group_ids=torch.tensor([s.group_id for s in samples]),
         traj_ids=torch.tensor([s.traj_id for s in samples]),
         loss_mask=loss_mask,
@@ -71,7 +86,7 @@ def compute_advantages(
         if out.returns is None
         else [out.returns[i, : len(s.response_ids)] for i, s in enumerate(samples)]
     )
-    return rows, out.metrics, returns
+    return rows, {**out.metrics, **kl_metrics}, returns
 
 
 def needs_critic(cfg: Config) -> bool:
@@ -344,7 +359,10 @@ class Trainer:
         result.metrics.update(shape_overlong(result.samples, cfg.algo.overlong))
         t_rollout = time.perf_counter()
         values = self.critic.values(result.samples) if self.critic is not None else None
-        advantages, adv_metrics, returns = compute_advantages(result.samples, cfg, values)
+        reference = (
+            self.learner.reference_logprobs(result.samples) if cfg.algo.kl_in_reward.coef > 0 else None
+        )
+        advantages, adv_metrics, returns = compute_advantages(result.samples, cfg, values, reference)
         self.last_samples, self.last_advantages = result.samples, advantages
         t_adv = time.perf_counter()
         update_metrics = self._update(result.samples, advantages)

@@ -52,6 +52,36 @@ def kl_estimate(
     raise ValueError(f"unknown KL estimator {kind!r}; expected 'k1', 'k2' or 'k3'")
 
 
+def kl_in_reward(
+    rewards: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    loss_mask: Tensor,
+    coef: float,
+    kind: str = "k1",
+    clamp: float | None = None,
+) -> tuple[Tensor, Tensor, dict[str, float]]:
+    """KL to the reference as a reward penalty instead of a loss term (verl's use_kl_in_reward,
+    algorithms.md §6.1/§6.5): r_t = -coef * k_t on every sampled token, plus the sequence reward
+    on the last one. Returns (sequence rewards [B] = R - coef * sum_t k_t for outcome estimators
+    such as GRPO, token rewards [B, T] for REINFORCE++ and GAE, metrics). `logprobs` are the
+    behaviour policy's (the rollout's): the penalty is a constant of the rollout, no gradient.
+    """
+    valid = loss_mask > 0
+    kl = torch.where(valid, kl_estimate(logprobs, ref_logprobs, kind, clamp), torch.zeros_like(logprobs))
+    penalty = coef * kl
+    token_rewards = -penalty
+    positions = torch.arange(valid.shape[1]).expand_as(valid)
+    last = torch.where(valid, positions, -1).amax(dim=1)
+    rows = torch.nonzero(last >= 0).squeeze(1)
+    token_rewards[rows, last[rows]] += rewards[rows].float()
+    metrics = {
+        "reward/kl_penalty": float(penalty.sum(1).mean()),
+        "kl/ref_in_reward": float(kl.sum() / valid.sum().clamp_min(1)),
+    }
+    return rewards.float() - penalty.sum(1), token_rewards, metrics
+
+
 def _require(inputs: LossInputs, name: str, term: str) -> Tensor:
     value = getattr(inputs, name)
     if value is None:

@@ -176,7 +176,8 @@ class DeepSpeedLearner:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg)
         )
         self.world_size = dist.get_world_size()
-        self.ref_model = self._build_reference(model_path) if "ref_logprobs" in self.needs else None
+        wants_ref = "ref_logprobs" in self.needs or cfg.algo.kl_in_reward.coef > 0
+        self.ref_model = self._build_reference(model_path) if wants_ref else None
         self.micro_batch_tokens = cfg.learner.micro_batch_tokens  # halved by an OOM retry
         self._backward_ran = False  # within the current mini-batch (OOM retry safety)
         self.controller_stats: dict[str, float] = {}  # the last update's reduced metrics
@@ -523,9 +524,19 @@ class DeepSpeedLearner:
             return micro.old_logprobs
         return micro.rollout_logprobs  # the engine had the learner's weights: mu = pi_old
 
-    @torch.no_grad()
     def _recorded_old_logprobs(self, samples: list[Trajectory]) -> list[torch.Tensor]:
         """Each sample's [T_i] log-probs under the current weights (pi_old of this update)."""
+        return self._sample_logprobs(samples, self.engine.module)
+
+    def reference_logprobs(self, samples: list[Trajectory]) -> list[torch.Tensor]:
+        """Each sample's [T_i] log-probs under the frozen reference (KL in the reward)."""
+        if self.ref_model is None:
+            raise RuntimeError("no reference model: set algo.kl_in_reward.coef > 0 or a kl regulariser")
+        return self._sample_logprobs(samples, self.ref_model)
+
+    @torch.no_grad()
+    def _sample_logprobs(self, samples: list[Trajectory], model: torch.nn.Module) -> list[torch.Tensor]:
+        """Each sample's [T_i] log-probs under `model` (0 where loss_mask == 0), no grad."""
         out = [torch.zeros(len(s.response_ids)) for s in samples]
         learner = self.cfg.learner
         plan = plan_by_prompt(
@@ -537,7 +548,7 @@ class DeepSpeedLearner:
                 self._dummy_forward()
                 continue
             micro = make_micro_batch(samples, zeros, plan[k], learner.packing, learner.share_prefix)
-            stats, _ = self._token_stats(self.engine.module, micro, logprobs_only=True)
+            stats, _ = self._token_stats(model, micro, logprobs_only=True)
             rows = micro.scatter(stats.logprobs)
             for r, i in enumerate(micro.sample_index):
                 out[i] = rows[r, : len(samples[i].response_ids)]
