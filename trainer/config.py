@@ -136,11 +136,12 @@ class AlgoConfig:
     stats_scope:    where batch statistics are taken. "micro_batch" (the reference codes'
                     behaviour, the default): over each micro-batch. "global": over the whole
                     mini-batch on every rank (all-gathered); costs one extra no-grad forward pass
-                    per mini-batch. Only the forking-token threshold honours "global" for now;
-                    every other batch statistic is micro-batch-only: Clip-Cov/KL-Cov covariance
-                    and top-k, the AEPO loss's entropy z-score, HAPO's entropy quantile, STEER's
-                    max |Omega|, BAPO with scope="batch" (its scope="step" reduces over the
-                    whole step through its controller).
+                    per mini-batch. Honoured by the forking-token threshold, Clip-Cov/KL-Cov
+                    (covariance means, KL-Cov's top-k threshold, Clip-Cov's drop count: each
+                    candidate dropped with the global probability, exact in expectation), the
+                    AEPO loss's entropy z-score, HAPO's entropy quantile and STEER's |Omega|
+                    range (`batch_stats_fn` in trainer/losses.py). BAPO has its own `scope`
+                    (its "step" reduces over the whole step through its controller).
     skip_zero_advantage: skip the compute of samples whose every advantage is 0. Exact only for
                     losses that are 0 at A = 0 with nothing else in the update, so it turns itself
                     off when any regulariser, token weighting or forking-token mask is set.

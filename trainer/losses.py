@@ -19,15 +19,25 @@ EPO, SIREN, ...) take the same `LossInputs` and live in `trainer/regularizers.py
 aggregates each term and sums the scalars. `forking_token_mask` is the 80/20 token selection.
 The math of each variant is in research/algorithms.md (section cited per function).
 
+Batch statistics (algorithms.md §8 item 2): Clip-Cov, KL-Cov, AEPO, HAPO and STEER read statistics
+of the batch they are given (means, a std, a quantile, a max, a top-k). By default that is the
+call's own tokens, one micro-batch, as the reference codes. For scope "global" the learner gathers
+the valid tokens of the whole mini-batch on all ranks into a `TokenBatch`, computes the statistics
+once with the entry's companion (registry flag `batch_stats`, bound by `batch_stats_fn`) and passes
+them to every micro-batch's call as `batch_stats=`; the per-token losses then no longer depend on
+how the mini-batch was cut into micro-batches.
+
 This module knows nothing about models, configs, micro-batching or distribution.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -165,6 +175,137 @@ def _dual_clip(loss: Tensor, advantages: Tensor, dual_clip: float | None) -> tup
 
 
 # --------------------------------------------------------------------------------------------
+# Batch statistics and their scope (algorithms.md §8 item 2)
+
+
+@dataclass
+class TokenBatch:
+    """The valid tokens (loss_mask == 1) of a batch, flat: 1-D tensors, one entry per token.
+
+    For scope "global" the learner builds one per micro-batch with `token_batch` (from the same
+    `LossInputs` the loss will see, policy mask included), joins them with `TokenBatch.cat` and
+    all-gathers them over ranks. Token order does not matter to any statistic. `entropy` is
+    needed only when `batch_stats_fn(...).needs` says so. The values may be upcast (e.g. to
+    float64 for the gather): Clip-Cov and KL-Cov redo their selection tests in the statistics'
+    dtype from the same values, so the selection stays bit-exact; a downcast would not.
+    """
+
+    logprobs: Tensor
+    old_logprobs: Tensor
+    advantages: Tensor
+    entropy: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        size = self.logprobs.shape
+        for name in ("logprobs", "old_logprobs", "advantages", "entropy"):
+            value = getattr(self, name)
+            if value is not None and (value.dim() != 1 or value.shape != size):
+                raise ValueError(
+                    f"TokenBatch.{name} has shape {tuple(value.shape)}, expected 1-D like logprobs' "
+                    f"{tuple(size)}"
+                )
+
+    @property
+    def num_tokens(self) -> int:
+        return self.logprobs.numel()
+
+    @staticmethod
+    def cat(parts: Sequence[TokenBatch]) -> TokenBatch:
+        """Concatenate micro-batches (or ranks); entropy is kept only if every part has it."""
+        if not parts:
+            raise ValueError("TokenBatch.cat needs at least one part")
+        entropies = [p.entropy for p in parts]
+        return TokenBatch(
+            torch.cat([p.logprobs for p in parts]),
+            torch.cat([p.old_logprobs for p in parts]),
+            torch.cat([p.advantages for p in parts]),
+            None if any(e is None for e in entropies) else torch.cat(entropies),  # type: ignore[arg-type]
+        )
+
+
+def token_batch(inputs: LossInputs) -> TokenBatch:
+    """The valid tokens of a [B, T] `LossInputs`, detached and flattened row by row."""
+    valid = inputs.valid
+
+    def pick(values: Tensor) -> Tensor:
+        return values.detach()[valid]
+
+    entropy = None if inputs.entropy is None else pick(inputs.entropy)
+    return TokenBatch(pick(inputs.logprobs), pick(inputs.old_logprobs), pick(inputs.advantages), entropy)
+
+
+BatchStats = dict[str, Tensor]
+
+
+def _batch_statistic(
+    needs: Iterable[str] = (), active: Callable[[Any], bool] = lambda params: True
+) -> Callable[[Callable[..., BatchStats]], Callable[..., BatchStats]]:
+    """Mark `fn(tokens, params) -> BatchStats` as the companion of a loss or hook.
+
+    `needs`: the optional `TokenBatch` fields it reads (only "entropy" exists), so the pre-pass
+    computes entropy only when needed. `active(params)`: False when the params switch the
+    statistic off (AEPO with entropy_adv_coef = 0), so the learner can skip the pre-pass.
+    """
+
+    def mark(fn: Callable[..., BatchStats]) -> Callable[..., BatchStats]:
+        fn.needs = frozenset(needs)  # type: ignore[attr-defined]
+        fn.active = active  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+def batch_stats_fn(built: Callable[..., Any]) -> Callable[[TokenBatch], BatchStats] | None:
+    """The global-scope companion of a loss or token-weight hook built by `Registry.build`.
+
+    Returns `partial(companion, params=built.params)`, so `stats = fn(tokens)` and then
+    `built(inputs, batch_stats=stats)` for every micro-batch; `.needs` on it is the frozenset of
+    optional TokenBatch fields to fill. None when the entry has no `batch_stats` flag (its loss
+    takes no `batch_stats` keyword: don't pass one) or when its params switch the statistic off.
+    """
+    flags: Mapping[str, Any] = getattr(built, "flags", {})
+    companion = flags.get("batch_stats")
+    if companion is None or not companion.active(built.params):  # type: ignore[attr-defined]
+        return None
+    bound = functools.partial(companion, params=built.params)  # type: ignore[attr-defined]
+    bound.needs = companion.needs  # type: ignore[attr-defined]
+    return bound
+
+
+def _take(batch_stats: Mapping[str, Tensor], keys: Sequence[str], like: Tensor) -> list[Tensor]:
+    """The named statistics, on `like`'s device; a clear error when the dict is not this loss's."""
+    missing = [k for k in keys if k not in batch_stats]
+    if missing:
+        raise KeyError(
+            f"batch_stats lacks {missing} (has {sorted(batch_stats)}): compute it with this "
+            "loss's own companion, batch_stats_fn(loss)"
+        )
+    return [batch_stats[k].to(like.device) for k in keys]
+
+
+def _flat_mean(values: Tensor) -> Tensor:
+    """Mean of a 1-D tensor, 0 when empty (what `masked_mean` is over the valid tokens)."""
+    return values.sum() / max(values.numel(), 1)
+
+
+def _need_entropy(tokens: TokenBatch, who: str) -> Tensor:
+    if tokens.entropy is None:
+        raise ValueError(f"the batch statistics of {who} need TokenBatch.entropy")
+    return tokens.entropy.detach()
+
+
+def _quantile(values: Tensor, q: float) -> Tensor:
+    """torch.quantile(values, q) (linear interpolation, same arithmetic) of a non-empty 1-D tensor.
+
+    torch.quantile refuses inputs above 2**24 elements; a whole mini-batch can have more tokens.
+    """
+    ordered = values.sort().values
+    rank = values.new_tensor(q) * (values.numel() - 1)
+    below = rank.floor()
+    return torch.lerp(ordered[below.long()], ordered[rank.ceil().long()], rank - below)
+
+
+# --------------------------------------------------------------------------------------------
 # PPO clip (vanilla surrogate; DAPO = clip_high 0.28 + token-mean aggregation, a preset)
 
 
@@ -236,12 +377,24 @@ def gspo(inputs: LossInputs, params: GSPOParams) -> LossOutput:
 # Clip-Cov and KL-Cov (Cui et al. 2025)
 
 
+def _centred_product(advantages: Tensor, logprobs: Tensor, adv_mean: Tensor, lp_mean: Tensor) -> Tensor:
+    """Cov_t = (A_t - mean A) (log pi_t - mean log pi), elementwise, given the centring means (§3)."""
+    return (advantages - adv_mean) * (logprobs - lp_mean)
+
+
 def _covariance(inputs: LossInputs, advantages: Tensor) -> Tensor:
-    """Cov_t = (A_t - mean A) (log pi_t - mean log pi) over the valid tokens, detached (§3)."""
+    """Cov_t centred on this call's valid tokens (scope micro-batch), detached, 0 where masked (§3)."""
     logprobs = torch.where(inputs.valid, inputs.logprobs.detach(), torch.zeros_like(advantages))
-    centred_a = advantages - masked_mean(advantages, inputs.loss_mask)
-    centred_lp = logprobs - masked_mean(logprobs, inputs.loss_mask)
-    return torch.where(inputs.valid, centred_a * centred_lp, torch.zeros_like(advantages))
+    means = masked_mean(advantages, inputs.loss_mask), masked_mean(logprobs, inputs.loss_mask)
+    return torch.where(
+        inputs.valid, _centred_product(advantages, logprobs, *means), torch.zeros_like(advantages)
+    )
+
+
+def _in_stats_dtype(values: Tensor, stat: Tensor) -> Tensor:
+    """`values` detached, in the dtype the companion computed `stat` in: a selection test redone
+    on the same values with the same arithmetic picks the same tokens (bit-exact)."""
+    return values.detach().to(stat.dtype)
 
 
 @dataclass(frozen=True)
@@ -254,29 +407,112 @@ class ClipCovParams:
     log_ratio_clamp: float = 20.0
 
 
-@POLICY_LOSSES.register("clip_cov", params=ClipCovParams)
-def clip_cov(inputs: LossInputs, params: ClipCovParams) -> LossOutput:
+def _clip_cov_candidates(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    means: tuple[Tensor, Tensor],
+    params: ClipCovParams,
+) -> Tensor:
+    """Tokens Clip-Cov may drop (§3 steps 1-2): PPO does not clip them and lb < Cov < ub.
+
+    Elementwise, any shape; `means` = (mean A, mean log pi). Shared by the global companion and
+    the loss, so both find the same candidates.
+    """
+    clamp = params.log_ratio_clamp
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-clamp, clamp))
+    _, clipped = _clipped_surrogate(advantages, ratio, params.clip_low, params.clip_high)
+    cov = _centred_product(advantages, logprobs, *means)
+    return ~clipped & (cov > params.cov_lb) & (cov < params.cov_ub)
+
+
+@_batch_statistic()
+def clip_cov_batch_stats(tokens: TokenBatch, params: ClipCovParams) -> BatchStats:
+    """Clip-Cov's statistics over a whole mini-batch (algorithms.md §3, scope global); see `clip_cov`.
+
+    advantage_mean, logprob_mean: the centring means of Cov (dtype of the tokens);
+    num_candidates: M, the candidates of the mini-batch; num_drop: n = max(1, floor(rho N)) with
+    the global N (int64); drop_prob: min(n, M) / M, 0 when M = 0 (float64).
+    """
+    advantages, logprobs = tokens.advantages.detach(), tokens.logprobs.detach()
+    means = _flat_mean(advantages), _flat_mean(logprobs)
+    candidates = _clip_cov_candidates(logprobs, tokens.old_logprobs.detach(), advantages, means, params)
+    count = int(candidates.sum())
+    num_drop = max(1, int(params.clip_ratio * tokens.num_tokens))
+    device = logprobs.device
+    return {
+        "advantage_mean": means[0],
+        "logprob_mean": means[1],
+        "num_candidates": torch.tensor(count, device=device),
+        "num_drop": torch.tensor(num_drop, device=device),
+        "drop_prob": torch.tensor(
+            min(num_drop, count) / count if count else 0.0, dtype=torch.float64, device=device
+        ),
+    }
+
+
+def _random_subset(candidates: Tensor, count: int) -> Tensor:
+    """Bool mask of min(count, #candidates) candidates drawn uniformly (torch's global RNG)."""
+    flat = torch.nonzero(candidates.flatten()).squeeze(1)
+    chosen = flat[torch.randperm(flat.numel(), device=flat.device)[:count]]
+    drop = torch.zeros(candidates.numel(), dtype=torch.bool, device=candidates.device)
+    drop[chosen] = True
+    return drop.view_as(candidates)
+
+
+def _clip_cov_global_drop(
+    inputs: LossInputs, advantages: Tensor, params: ClipCovParams, batch_stats: BatchStats
+) -> Tensor:
+    """This call's share of the mini-batch's Clip-Cov draw (see `clip_cov`, scope global)."""
+    keys = ("advantage_mean", "logprob_mean", "num_candidates", "num_drop", "drop_prob")
+    adv_mean, lp_mean, count, num_drop, drop_prob = _take(batch_stats, keys, inputs.logprobs)
+    as_stats = functools.partial(_in_stats_dtype, stat=lp_mean)
+    args = as_stats(inputs.logprobs), as_stats(inputs.old_logprobs), as_stats(advantages)
+    candidates = inputs.valid & _clip_cov_candidates(*args, (adv_mean, lp_mean), params)
+    if int(candidates.sum()) == int(count):  # every candidate of the mini-batch is here: draw exactly
+        return _random_subset(candidates, int(num_drop))
+    coins = torch.rand(candidates.shape, dtype=torch.float64, device=candidates.device)
+    return candidates & (coins < drop_prob)
+
+
+@POLICY_LOSSES.register("clip_cov", params=ClipCovParams, batch_stats=clip_cov_batch_stats)
+def clip_cov(
+    inputs: LossInputs, params: ClipCovParams, *, batch_stats: BatchStats | None = None
+) -> LossOutput:
     """Clip-Cov, algorithms.md §3: drop the loss of a random subset of high-covariance tokens.
 
-    Among valid tokens not already clipped by PPO with lb < Cov < ub, pick
-    max(1, floor(rho * N_valid)) uniformly at random (torch's global RNG: seed it) and zero
-    their loss; the rest get the PPO surrogate. No dual clip. Statistics are over this batch.
+    Candidates: valid tokens not already clipped by PPO with lb < Cov < ub. Pick
+    n = max(1, floor(rho * N_valid)) of them uniformly at random (torch's global RNG: seed it)
+    and zero their loss; the rest get the PPO surrogate. No dual clip.
+
+    batch_stats=None (scope micro-batch, the reference): means, N and the draw are this call's.
+    batch_stats from `clip_cov_batch_stats` (scope global): Cov is centred on the mini-batch's
+    means, n uses its N, and the draw should be a uniform n-subset of its M candidates. A call
+    sees only its own candidates, not their place among the M, so:
+    - if it holds all M (e.g. a single micro-batch), it draws exactly min(n, M) of them, the
+      very draw of the micro-batch path (same seed, same tokens: same result);
+    - otherwise it drops each of its candidates independently with p = min(n, M) / M.
+    Every candidate is thus dropped with probability min(n, M) / M, as under the exact global
+    draw; the loss is linear in the per-token keep flags and so is the aggregation, hence the
+    expected loss and gradient are exactly those of the exact global draw. Only the number
+    dropped varies (Binomial(M, p), mean min(n, M)). An exact draw split over calls would need
+    each token's index in the gathered mini-batch (or a shared per-token random key).
     """
     ratio_log = _log_ratio(inputs, params.log_ratio_clamp)
     ratio = torch.exp(ratio_log)
     advantages = _advantages(inputs)
     loss, clipped = _clipped_surrogate(advantages, ratio, params.clip_low, params.clip_high)
-    cov = _covariance(inputs, advantages)
-    candidates = inputs.valid & ~clipped & (cov > params.cov_lb) & (cov < params.cov_ub)
-    num_drop = max(1, int(params.clip_ratio * int(inputs.valid.sum())))
-    flat = torch.nonzero(candidates.flatten()).squeeze(1)
-    chosen = flat[torch.randperm(flat.numel(), device=flat.device)[:num_drop]]
-    keep = torch.ones(loss.numel(), dtype=loss.dtype, device=loss.device)
-    keep[chosen] = 0
-    loss = loss * keep.view_as(loss)
+    if batch_stats is None:
+        cov = _covariance(inputs, advantages)
+        candidates = inputs.valid & ~clipped & (cov > params.cov_lb) & (cov < params.cov_ub)
+        drop = _random_subset(candidates, max(1, int(params.clip_ratio * int(inputs.valid.sum()))))
+    else:
+        drop = _clip_cov_global_drop(inputs, advantages, params, batch_stats)
+    keep = (~drop).to(loss.dtype)
+    loss = loss * keep
     metrics = _ratio_metrics(inputs, ratio_log, ratio)
     metrics["loss/clipfrac"] = masked_mean(clipped.float(), inputs.loss_mask)
-    metrics["loss/cov_dropped_frac"] = masked_mean(1 - keep.view_as(loss), inputs.loss_mask)
+    metrics["loss/cov_dropped_frac"] = masked_mean(1 - keep, inputs.loss_mask)
     return _finish(inputs, loss, metrics)
 
 
@@ -287,22 +523,62 @@ class KLCovParams:
     log_ratio_clamp: float = 20.0
 
 
-@POLICY_LOSSES.register("kl_cov", params=KLCovParams)
-def kl_cov(inputs: LossInputs, params: KLCovParams) -> LossOutput:
+@_batch_statistic()
+def kl_cov_batch_stats(tokens: TokenBatch, params: KLCovParams) -> BatchStats:
+    """KL-Cov's statistics over a whole mini-batch (algorithms.md §3, scope global); see `kl_cov`.
+
+    advantage_mean, logprob_mean: the centring means of Cov; cov_threshold: the k-th largest
+    Cov, k = max(1, floor(rho N)) with the global N (+inf without tokens). Dtype of the tokens.
+    """
+    advantages, logprobs = tokens.advantages.detach(), tokens.logprobs.detach()
+    adv_mean, lp_mean = _flat_mean(advantages), _flat_mean(logprobs)
+    cov = _centred_product(advantages, logprobs, adv_mean, lp_mean)
+    if cov.numel():
+        threshold = torch.topk(cov, max(1, int(params.kl_ratio * cov.numel()))).values[-1]
+    else:
+        threshold = cov.new_tensor(math.inf)
+    return {"advantage_mean": adv_mean, "logprob_mean": lp_mean, "cov_threshold": threshold}
+
+
+def _kl_cov_top_k(inputs: LossInputs, advantages: Tensor, params: KLCovParams) -> Tensor:
+    """Scope micro-batch: the k = max(1, floor(rho N)) largest Cov of this call (ties arbitrary)."""
+    num_valid = int(inputs.valid.sum())
+    penalised = torch.zeros_like(advantages, dtype=torch.bool)
+    if num_valid:
+        cov = torch.where(
+            inputs.valid, _covariance(inputs, advantages), torch.full_like(advantages, float("-inf"))
+        )
+        top = torch.topk(cov.flatten(), max(1, int(params.kl_ratio * num_valid))).indices
+        penalised.view(-1)[top] = True
+    return penalised
+
+
+def _kl_cov_over_threshold(inputs: LossInputs, advantages: Tensor, batch_stats: BatchStats) -> Tensor:
+    """Scope global: valid tokens whose Cov (mini-batch means) is >= the mini-batch's threshold."""
+    keys = ("advantage_mean", "logprob_mean", "cov_threshold")
+    adv_mean, lp_mean, threshold = _take(batch_stats, keys, inputs.logprobs)
+    logprobs, advantages = _in_stats_dtype(inputs.logprobs, lp_mean), _in_stats_dtype(advantages, lp_mean)
+    return inputs.valid & (_centred_product(advantages, logprobs, adv_mean, lp_mean) >= threshold)
+
+
+@POLICY_LOSSES.register("kl_cov", params=KLCovParams, batch_stats=kl_cov_batch_stats)
+def kl_cov(inputs: LossInputs, params: KLCovParams, *, batch_stats: BatchStats | None = None) -> LossOutput:
     """KL-Cov, algorithms.md §3: -A r everywhere, + beta |log r| on the top-k Cov tokens.
 
     k = max(1, floor(rho * N_valid)) largest covariances among valid tokens; no ratio clipping.
+    batch_stats=None (scope micro-batch, the reference): means, N and top-k are this call's.
+    batch_stats from `kl_cov_batch_stats` (scope global): Cov is centred on the mini-batch's
+    means and a token is penalised when Cov >= the k-th largest Cov of the mini-batch (k from
+    its N): the global top-k, except that every token tied with the k-th is penalised.
     """
     log_ratio = _log_ratio(inputs, params.log_ratio_clamp)
     ratio = torch.exp(log_ratio)
     advantages = _advantages(inputs)
     loss = -advantages * ratio
-    num_valid = int(inputs.valid.sum())
-    penalised = torch.zeros_like(loss, dtype=torch.bool)
-    if num_valid:
-        cov = torch.where(inputs.valid, _covariance(inputs, advantages), torch.full_like(loss, float("-inf")))
-        top = torch.topk(cov.flatten(), max(1, int(params.kl_ratio * num_valid))).indices
-        penalised.view(-1)[top] = True
+    if batch_stats is None:
+        penalised = _kl_cov_top_k(inputs, advantages, params)
+    else:
+        penalised = _kl_cov_over_threshold(inputs, advantages, batch_stats)
     loss = loss + torch.where(penalised, params.kl_coef * log_ratio.abs(), torch.zeros_like(loss))
     metrics = _ratio_metrics(inputs, log_ratio, ratio)
     metrics["loss/cov_penalised_frac"] = masked_mean(penalised.float(), inputs.loss_mask)
@@ -322,28 +598,58 @@ class AEPOParams:
     log_ratio_clamp: float = 20.0
 
 
+def _entropy_std(valid_entropy: Tensor) -> Tensor:
+    """Unbiased std of the valid tokens' entropy, 0 for fewer than two tokens (AEPO's z-score)."""
+    return valid_entropy.std() if valid_entropy.numel() > 1 else valid_entropy.new_zeros(())
+
+
+@_batch_statistic(needs={"entropy"}, active=lambda params: params.entropy_adv_coef != 0)
+def aepo_batch_stats(tokens: TokenBatch, params: AEPOParams) -> BatchStats:
+    """AEPO's entropy z-score statistics over a whole mini-batch (algorithms.md §2c, scope global).
+
+    entropy_mean and entropy_std (unbiased, 0 for < 2 tokens; the loss maps 0 to 1) of the
+    current entropy over the mini-batch's valid tokens; `aepo` with these uses z over the
+    mini-batch. Inactive (batch_stats_fn gives None) when entropy_adv_coef = 0.
+    """
+    entropy = _need_entropy(tokens, "aepo")
+    return {"entropy_mean": _flat_mean(entropy), "entropy_std": _entropy_std(entropy)}
+
+
+def _aepo_entropy_z(inputs: LossInputs, batch_stats: BatchStats | None) -> Tensor:
+    """z-score of the detached entropy: over this call's valid tokens, or with the mini-batch's
+    mean and std from `batch_stats` (std 0 -> 1); [B, T], 0 at masked positions before centring."""
+    if inputs.entropy is None:
+        raise ValueError("aepo with entropy_adv_coef != 0 needs LossInputs.entropy")
+    entropy = torch.where(inputs.valid, inputs.entropy.detach(), torch.zeros_like(inputs.advantages))
+    if batch_stats is None:
+        mean, std = masked_mean(entropy, inputs.loss_mask), _entropy_std(entropy[inputs.valid])
+    else:
+        mean, std = _take(batch_stats, ("entropy_mean", "entropy_std"), entropy)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return (entropy - mean) / std
+
+
 @POLICY_LOSSES.register(
-    "aepo", params=AEPOParams, needs=lambda p: {"entropy"} if p.entropy_adv_coef else set()
+    "aepo",
+    params=AEPOParams,
+    needs=lambda p: {"entropy"} if p.entropy_adv_coef else set(),
+    batch_stats=aepo_batch_stats,
 )
-def aepo(inputs: LossInputs, params: AEPOParams) -> LossOutput:
+def aepo(inputs: LossInputs, params: AEPOParams, *, batch_stats: BatchStats | None = None) -> LossOutput:
     """AEPO entropy-balanced policy optimisation (loss part), algorithms.md §2c.
 
     Upper clip bound (1+eps_h) r / sg(r): forward equals PPO, but a positive-advantage token
     above the bound keeps the gradient (1+eps_h) A grad log pi. Advantage is made entropy-aware:
     A (1 + a z), z = z-score of the current entropy over this batch's valid tokens (detached;
     std 0 -> 1). Entropy is always computed when a != 0 (the reference code's silent skip is a bug).
+    batch_stats=None: z over this call's tokens (micro-batch, the reference); from
+    `aepo_batch_stats`: z with the whole mini-batch's mean and std (scope global).
     """
     log_ratio = _log_ratio(inputs, params.log_ratio_clamp)
     ratio = torch.exp(log_ratio)
     advantages = _advantages(inputs)
     if params.entropy_adv_coef:
-        if inputs.entropy is None:
-            raise ValueError("aepo with entropy_adv_coef != 0 needs LossInputs.entropy")
-        entropy = torch.where(inputs.valid, inputs.entropy.detach(), torch.zeros_like(advantages))
-        valid_entropy = entropy[inputs.valid]
-        std = valid_entropy.std() if valid_entropy.numel() > 1 else entropy.new_zeros(())
-        std = torch.where(std > 0, std, torch.ones_like(std))
-        z = (entropy - masked_mean(entropy, inputs.loss_mask)) / std
+        z = _aepo_entropy_z(inputs, batch_stats)
         advantages = advantages * (1 + params.entropy_adv_coef * z)
     unit = ratio / ratio.detach()  # value 1, gradient grad log pi
     upper = (1 + params.clip_high) * unit - 1  # as an eps_h: the bound is (1+eps_h) r / sg(r)
@@ -518,20 +824,39 @@ def bapo(
 # HAPO asymmetric adaptive clipping + differential advantage redistribution
 
 
-def hapo_entropy_signal(entropy: Tensor, loss_mask: Tensor, pivot: float = 0.8, eps: float = 1e-8) -> Tensor:
+_HAPO_EPS = 1e-8  # entropy floor before the log, and floor of the max / |min| deviation
+
+
+def hapo_entropy_signal(
+    entropy: Tensor,
+    loss_mask: Tensor,
+    pivot: float = 0.8,
+    eps: float = _HAPO_EPS,
+    *,
+    batch_stats: BatchStats | None = None,
+) -> Tensor:
     """HAPO's normalised entropy h in [-1, 1], algorithms.md §7.6; [B, T], 0 at masked tokens.
 
     d = log H - q-quantile(log H) over this batch's valid tokens (linear interpolation);
     h = d / max(d) where d > 0, d / |min(d)| where d < 0. (The paper's division by the RMS
     deviation cancels in this scaling, so it is skipped.) Detached.
+    batch_stats=None: quantile, max and min over these tokens (micro-batch, the reference); from
+    `hapo_batch_stats`: over the whole mini-batch (scope global), so `pivot` is not used.
     """
     valid = loss_mask > 0
     log_h = torch.log(entropy.detach().clamp_min(eps))
     if not valid.any():
         return torch.zeros_like(log_h)
-    d = log_h - torch.quantile(log_h[valid], pivot)
-    d = torch.where(valid, d, torch.zeros_like(d))
-    top, bottom = d.max(), d.min()
+    if batch_stats is None:
+        d = log_h - torch.quantile(log_h[valid], pivot)
+        d = torch.where(valid, d, torch.zeros_like(d))
+        # max/min include the zeros at masked positions: harmless, top is used only where some
+        # d > 0 (then max d > 0 anyway), bottom only where some d < 0.
+        top, bottom = d.max(), d.min()
+    else:
+        keys = ("log_entropy_pivot", "deviation_max", "deviation_min")
+        quantile, top, bottom = _take(batch_stats, keys, log_h)
+        d = torch.where(valid, log_h - quantile, torch.zeros_like(log_h))
     h = torch.where(d > 0, d / top.clamp_min(eps), d / (-bottom).clamp_min(eps))
     return torch.where(d == 0, torch.zeros_like(h), h)
 
@@ -552,8 +877,25 @@ class HAPOParams:
         _check_dual_clip(self.dual_clip)
 
 
-@POLICY_LOSSES.register("hapo", params=HAPOParams, needs={"entropy"})
-def hapo(inputs: LossInputs, params: HAPOParams) -> LossOutput:
+@_batch_statistic(needs={"entropy"})
+def hapo_batch_stats(tokens: TokenBatch, params: HAPOParams) -> BatchStats:
+    """HAPO's entropy statistics over a whole mini-batch (algorithms.md §7.6, scope global).
+
+    log_entropy_pivot: the entropy_pivot-quantile of log H (linear interpolation, as
+    torch.quantile); deviation_max, deviation_min: max and min of d = log H - pivot. All over
+    the mini-batch's valid tokens (0 without tokens); `hapo_entropy_signal` scales d by them.
+    """
+    log_h = torch.log(_need_entropy(tokens, "hapo").clamp_min(_HAPO_EPS))
+    if not log_h.numel():
+        zero = log_h.new_zeros(())
+        return {"log_entropy_pivot": zero, "deviation_max": zero, "deviation_min": zero}
+    quantile = _quantile(log_h, params.entropy_pivot)
+    d = log_h - quantile
+    return {"log_entropy_pivot": quantile, "deviation_max": d.max(), "deviation_min": d.min()}
+
+
+@POLICY_LOSSES.register("hapo", params=HAPOParams, needs={"entropy"}, batch_stats=hapo_batch_stats)
+def hapo(inputs: LossInputs, params: HAPOParams, *, batch_stats: BatchStats | None = None) -> LossOutput:
     """HAPO loss, algorithms.md §7.6 (pair with advantage "hapo" for the token-level group mean).
 
     h = `hapo_entropy_signal` of the current entropy. High-entropy tokens (h > 0) get a wider
@@ -561,13 +903,17 @@ def hapo(inputs: LossInputs, params: HAPOParams) -> LossOutput:
     eps_l (1 - alpha h). A' = A (1 + beta h), applied for h > 0 only when r is outside the
     neutral band (1 - eps_l'/2, 1 + eps_h'/2), for h <= 0 only inside it. Then
     max(-A' r, -A' clip(r, 1-eps_l', 1+eps_h')) and the dual clip.
+    batch_stats=None: h from this call's tokens (micro-batch, the reference); from
+    `hapo_batch_stats`: from the whole mini-batch's quantile and range (scope global).
     """
     if inputs.entropy is None:
         raise ValueError("hapo needs LossInputs.entropy")
     log_ratio = _log_ratio(inputs, params.log_ratio_clamp)
     ratio = torch.exp(log_ratio)
     advantages = _advantages(inputs)
-    h = hapo_entropy_signal(inputs.entropy, inputs.loss_mask, params.entropy_pivot).to(ratio.dtype)
+    h = hapo_entropy_signal(
+        inputs.entropy, inputs.loss_mask, params.entropy_pivot, batch_stats=batch_stats
+    ).to(ratio.dtype)
     high_entropy = h > 0
     eps_h = torch.where(high_entropy, params.clip_high * (1 + params.clip_alpha * h), params.clip_high)
     eps_l = torch.where(high_entropy, params.clip_low, params.clip_low * (1 - params.clip_alpha * h))
@@ -612,8 +958,32 @@ class STEERParams:
     omega_floor: float = 0.02  # kappa = -ln(w_min) / max(max |Omega|, floor)
 
 
-@TOKEN_WEIGHTS.register("steer", params=STEERParams, needs={"entropy"})
-def steer(inputs: LossInputs, params: STEERParams) -> TokenWeightOutput:
+def _steer_omega(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, entropy: Tensor) -> Tensor:
+    """Omega_t = (A_t / pi_old) pi (1 - pi) (log pi + H_t), elementwise (algorithms.md §7.5)."""
+    prob = logprobs.exp()
+    return (advantages * torch.exp(-old_logprobs)) * prob * (1 - prob) * (logprobs + entropy)
+
+
+@_batch_statistic(needs={"entropy"})
+def steer_batch_stats(tokens: TokenBatch, params: STEERParams) -> BatchStats:
+    """STEER's normalisers over a whole mini-batch (algorithms.md §7.5, scope global).
+
+    omega_max, omega_min: max and min of |Omega| over the mini-batch's valid tokens (0 without
+    tokens); the exponential map uses the max (kappa), the linear one both.
+    """
+    entropy = _need_entropy(tokens, "steer")
+    size = _steer_omega(
+        tokens.logprobs.detach(), tokens.old_logprobs.detach(), tokens.advantages.detach(), entropy
+    ).abs()
+    if not size.numel():
+        return {"omega_max": size.new_zeros(()), "omega_min": size.new_zeros(())}
+    return {"omega_max": size.max(), "omega_min": size.min()}
+
+
+@TOKEN_WEIGHTS.register("steer", params=STEERParams, needs={"entropy"}, batch_stats=steer_batch_stats)
+def steer(
+    inputs: LossInputs, params: STEERParams, *, batch_stats: BatchStats | None = None
+) -> TokenWeightOutput:
     """STEER token reweighting, algorithms.md §7.5: down-weight tokens whose update would move
     the entropy most.
 
@@ -621,6 +991,8 @@ def steer(inputs: LossInputs, params: STEERParams) -> TokenWeightOutput:
     exponential: w = clip(exp(-kappa |Omega|), w_min, 1), kappa = -ln(w_min) / max(max|Omega|, floor);
     linear: w = w_max - (|Omega| - min) / (max - min) (w_max - w_min) (w_max when max == min).
     Apply with `with_token_weights(inputs, out.token_weights)` before calling the loss.
+    batch_stats=None: max and min over this call's tokens (micro-batch, the reference); from
+    `steer_batch_stats`: over the whole mini-batch (scope global).
     """
     if inputs.entropy is None:
         raise ValueError("token weighting 'steer' needs LossInputs.entropy")
@@ -629,12 +1001,14 @@ def steer(inputs: LossInputs, params: STEERParams) -> TokenWeightOutput:
     logprobs = torch.where(valid, inputs.logprobs.detach(), zero)
     old = torch.where(valid, inputs.old_logprobs.detach(), zero)
     entropy = torch.where(valid, inputs.entropy.detach(), zero)
-    prob = logprobs.exp()
-    omega = (_advantages(inputs).detach() * torch.exp(-old)) * prob * (1 - prob) * (logprobs + entropy)
+    omega = _steer_omega(logprobs, old, _advantages(inputs).detach(), entropy)
     size = torch.where(valid, omega.abs(), zero)
     if not valid.any():
         return TokenWeightOutput(zero, {})
-    top, bottom = size[valid].max(), size[valid].min()
+    if batch_stats is None:
+        top, bottom = size[valid].max(), size[valid].min()
+    else:
+        top, bottom = _take(batch_stats, ("omega_max", "omega_min"), size)
     if params.mode == "exponential":
         kappa = -math.log(params.weight_min) / top.clamp_min(params.omega_floor)
         weights = torch.exp(-kappa * size).clamp(params.weight_min, 1.0)

@@ -281,6 +281,39 @@ def test_global_forking_threshold_does_not_depend_on_the_micro_batches(updated, 
     assert per_micro["loss/selected_frac"] > one["loss/selected_frac"]
 
 
+# Losses and hooks whose batch statistics honour stats_scope=global (their params make the
+# statistic matter on this batch: KL-Cov penalises a top fraction, AEPO z-scores the entropy).
+# KL-Cov's penalty is (log ratio)^2, zero with its gradient on an on-policy first pass: two
+# epochs take the ratio against the rollout log-probs instead.
+GLOBAL_STAT_TERMS = [
+    ("algo.loss.name=kl_cov", "algo.loss.params={kl_ratio: 0.2, kl_coef: 1.0}", "learner.epochs=2"),
+    ("algo.loss.name=aepo",),
+    ("algo.loss.name=hapo",),
+    ("algo.token_weights.name=steer",),
+]
+
+
+@pytest.mark.parametrize("term", GLOBAL_STAT_TERMS, ids=lambda t: t[0].split("=")[1])
+def test_global_batch_statistics_do_not_depend_on_the_micro_batches(updated, initial, term):
+    split = ("learner.micro_batch_tokens=1", "learner.share_prefix=false")
+    one_micro, one = updated("learner.packing=false", *term, "algo.stats_scope=global")
+    many_micro, many = updated(*split, *term, "algo.stats_scope=global")
+    assert many["loss/policy"] == pytest.approx(one["loss/policy"], rel=1e-4, abs=1e-7)
+    assert many["learner/grad_norm"] == pytest.approx(one["learner/grad_norm"], rel=1e-4)
+    assert_same_update(one_micro, many_micro, initial)
+    # one micro-batch: global statistics are the micro-batch's own (taken in float64, hence rel)
+    _, local = updated("learner.packing=false", *term)
+    assert local["loss/policy"] == pytest.approx(one["loss/policy"], rel=1e-4, abs=1e-7)
+
+
+def test_micro_batch_scope_does_depend_on_the_micro_batches(updated):
+    """The property above is not free: AEPO's per-micro-batch entropy z-scores differ."""
+    term = GLOBAL_STAT_TERMS[1]
+    _, one = updated("learner.packing=false", *term)
+    _, many = updated("learner.micro_batch_tokens=1", "learner.share_prefix=false", *term)
+    assert abs(many["loss/policy"] - one["loss/policy"]) > 1e-4
+
+
 def test_controllers_are_updated_with_the_steps_reduced_statistics(model_dir):
     from types import SimpleNamespace
 

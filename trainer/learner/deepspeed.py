@@ -46,9 +46,13 @@ from trainer.logprobs import Head, TokenStats, head_requires_grad, project, toke
 from trainer.losses import (
     POLICY_LOSSES,
     TOKEN_WEIGHTS,
+    BatchStats,
     LossInputs,
+    TokenBatch,
+    batch_stats_fn,
     forking_token_mask,
     masked_mean,
+    token_batch,
     with_token_weights,
 )
 from trainer.off_policy import mismatch_metrics, rollout_is_weights
@@ -90,6 +94,16 @@ class _MiniBatch:
     samples: list[Trajectory]
     advantages: list[torch.Tensor]
     old_logprobs: list[torch.Tensor] | None = None
+
+
+@dataclass
+class _BatchView:
+    """What the whole mini-batch decides for its micro-batches (see `_batch_view`)."""
+
+    selections: list[torch.Tensor] | None  # per-micro-batch forking masks (global scope)
+    policy_tokens: int  # global count of the policy term's tokens
+    loss_stats: BatchStats | None = None  # the policy loss's global batch statistics
+    weight_stats: BatchStats | None = None  # the token-weight hook's
 
 
 @dataclass
@@ -205,6 +219,8 @@ class DeepSpeedLearner:
             self.regularizers.append(_Term(key, fn, fn.flags.get("aggregation", mode), controller))
         name = algo.token_weights.name
         self.token_weights = TOKEN_WEIGHTS.build(name, algo.token_weights.params) if name else None
+        self.loss_stats_fn = batch_stats_fn(self.loss_fn)
+        self.weight_stats_fn = batch_stats_fn(self.token_weights) if self.token_weights is not None else None
         needs = set(self.loss_fn.needs)
         for term in self.regularizers:
             needs |= term.fn.needs
@@ -379,7 +395,8 @@ class DeepSpeedLearner:
         if old_logprobs is not None:
             for micro in micros:
                 micro.old_logprobs = _rows(old_logprobs, micro)
-        selections, policy_tokens = self._forking_selection(micros, n_micro, num_tokens)
+        view = self._batch_view(micros, n_micro, num_tokens)
+        selections, policy_tokens = view.selections, view.policy_tokens
         counts = _Counts(num_tokens, num_seqs, policy_tokens)
         if self.cfg.algo.forking_tokens > 0:
             step_totals["loss/selected_frac"] += policy_tokens / max(num_tokens, 1)
@@ -392,7 +409,7 @@ class DeepSpeedLearner:
                 micro = micros[k]
                 traj_ids = torch.tensor([samples[i].traj_id for i in micro.sample_index])
                 selection = selections[k] if selections is not None else None
-                loss, terms, metrics, weights = self._loss(micro, counts, traj_ids, selection)
+                loss, terms, metrics, weights = self._loss(micro, counts, traj_ids, selection, view)
                 term_sums += torch.tensor([terms[key] for key in term_keys], dtype=torch.float64)
                 self._add_stats(metrics, weights)
                 micro_totals["_tokens"] += float(micro.num_tokens)
@@ -417,7 +434,12 @@ class DeepSpeedLearner:
         step_totals["learner/optimizer_steps"] += 1
 
     def _loss(
-        self, micro: MicroBatch, counts: _Counts, traj_ids: torch.Tensor, selection: torch.Tensor | None
+        self,
+        micro: MicroBatch,
+        counts: _Counts,
+        traj_ids: torch.Tensor,
+        selection: torch.Tensor | None,
+        view: _BatchView,
     ) -> tuple[torch.Tensor, dict[str, float], dict[str, float], dict[str, float]]:
         """(scaled loss to backward, {"loss/<term>": this micro-batch's share}, metrics, and the
         token count each metric is a mean over: the policy term's mask for its own metrics,
@@ -467,10 +489,13 @@ class DeepSpeedLearner:
             policy_inputs = with_token_weights(policy_inputs, is_weights)
             metrics["off_policy/is_weight_mean"] = float(masked_mean(is_weights, policy_mask))
         if self.token_weights is not None:
-            weighting = self.token_weights(policy_inputs)
+            extra = {} if view.weight_stats is None else {"batch_stats": view.weight_stats}
+            weighting = self.token_weights(policy_inputs, **extra)
             policy_inputs = with_token_weights(policy_inputs, weighting.token_weights)
             metrics.update({k: float(v) for k, v in weighting.metrics.items()})
         kwargs = self.loss_controller.loss_kwargs() if self.loss_controller is not None else {}
+        if view.loss_stats is not None:  # stats_scope "global": the whole mini-batch's statistics
+            kwargs["batch_stats"] = view.loss_stats
         out = self.loss_fn(policy_inputs, **kwargs)
         metrics.update({k: float(v) for k, v in out.metrics.items()})
         weights = dict.fromkeys(metrics, float((policy_mask > 0).sum()))
@@ -596,34 +621,79 @@ class DeepSpeedLearner:
         stats, _ = self._token_stats(self.ref_model, micro, logprobs_only=True)
         return micro.scatter(stats.logprobs)
 
-    def _forking_selection(
-        self, micros: list[MicroBatch], n_micro: int, num_tokens: int
-    ) -> tuple[list[torch.Tensor] | None, int]:
-        """(per-micro-batch policy masks or None, global count of the policy term's tokens).
+    def _batch_view(self, micros: list[MicroBatch], n_micro: int, num_tokens: int) -> _BatchView:
+        """What the mini-batch's statistics decide before its micro-batches run.
 
-        stats_scope="micro_batch": the masks are taken in `_loss` from each micro-batch's own
-        entropies (top k = ceil(ratio * n) of its n sampled tokens, as the reference), so the
-        count is known from the plan. "global": one no-grad pass over the mini-batch gives every
-        token's entropy, all-gathered over ranks; the threshold is the k-th largest of all
-        (k = ceil(ratio * N)), and a token is selected when its entropy is >= it.
+        stats_scope "micro_batch": nothing is decided here (the forking mask and every loss
+        statistic are taken in `_loss` from each micro-batch's own tokens, as the references);
+        only the forking term's global token count is known from the plan (top k = ceil(ratio
+        * n) of each micro-batch's n sampled tokens). "global": one no-grad pass over the
+        mini-batch gives every token's log-prob (and entropy when needed), all-gathered over
+        ranks: the forking threshold is the k-th largest entropy of all (k = ceil(ratio * N),
+        a token is selected when its entropy is >= it), and the policy loss / token-weight hook
+        get their batch statistics (`batch_stats_fn`, over the policy term's tokens).
         """
         ratio = self.cfg.algo.forking_tokens
-        if ratio <= 0:
-            return None, num_tokens
         if self.cfg.algo.stats_scope == "micro_batch":
+            if ratio <= 0:
+                return _BatchView(None, num_tokens)
             local = 0
             for micro in micros:
                 n = int((micro.loss_mask > 0).sum())
                 local += max(1, math.ceil(ratio * n)) if n else 0
-            return None, int(_sum_over_ranks(torch.tensor([float(local)], dtype=torch.float64))[0])
-        entropies = []
-        with torch.no_grad():
-            for k in range(n_micro):
-                if k < len(micros):
-                    stats, _ = self._token_stats(self.engine.module, micros[k], entropy_only=True)
-                    entropies.append(micros[k].scatter(stats.entropy))
-                else:  # same number of forwards on every rank (ZeRO-3 gathers parameters in them)
-                    self._dummy_forward()
+            return _BatchView(
+                None, int(_sum_over_ranks(torch.tensor([float(local)], dtype=torch.float64))[0])
+            )
+        stat_fns = {
+            k: fn for k, fn in (("loss", self.loss_stats_fn), ("weights", self.weight_stats_fn)) if fn
+        }
+        if ratio <= 0 and not stat_fns:
+            return _BatchView(None, num_tokens)
+        need_entropy = ratio > 0 or any("entropy" in fn.needs for fn in stat_fns.values())
+        passes = self._no_grad_pass(micros, n_micro, need_entropy)
+        masks, count = None, num_tokens
+        if ratio > 0:
+            masks, count = self._global_forking(micros, [entropy for _, entropy in passes], ratio)
+        if not stat_fns:
+            return _BatchView(masks, count)
+        parts = []
+        for i, (micro, (logprobs, entropy)) in enumerate(zip(micros, passes, strict=True)):
+            inputs = LossInputs(
+                logprobs=logprobs,
+                old_logprobs=self._old_logprobs(micro, logprobs),
+                advantages=micro.advantages,
+                loss_mask=micro.loss_mask if masks is None else masks[i],
+                entropy=entropy,
+            )
+            parts.append(token_batch(inputs))
+        tokens = _gather_tokens(parts, need_entropy)
+        found = {name: fn(tokens) for name, fn in stat_fns.items()}
+        return _BatchView(masks, count, found.get("loss"), found.get("weights"))
+
+    @torch.no_grad()
+    def _no_grad_pass(
+        self, micros: list[MicroBatch], n_micro: int, with_entropy: bool
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """([B, T] log-probs, [B, T] entropies or None) of each micro-batch under the current
+        weights; the same number of forwards on every rank (ZeRO-3 gathers parameters in them)."""
+        out = []
+        for k in range(n_micro):
+            if k >= len(micros):
+                self._dummy_forward()
+                continue
+            micro = micros[k]
+            stats, _ = self._token_stats(
+                self.engine.module, micro, logprobs_only=not with_entropy, entropy_only=with_entropy
+            )
+            entropy = micro.scatter(stats.entropy) if with_entropy else None
+            out.append((micro.scatter(stats.logprobs), entropy))
+        return out
+
+    def _global_forking(
+        self, micros: list[MicroBatch], entropies: list[torch.Tensor], ratio: float
+    ) -> tuple[list[torch.Tensor], int]:
+        """Per-micro-batch forking masks from one threshold over every rank's tokens, and the
+        global count of selected tokens."""
         valid = [e[m.loss_mask > 0] for e, m in zip(entropies, micros, strict=True)]
         local = torch.cat(valid) if valid else torch.zeros(0)
         everything = _all_gather_1d(local.double())
@@ -813,6 +883,19 @@ def _all_gather_1d(values: torch.Tensor) -> torch.Tensor:
     parts = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([part[: int(n)] for part, n in zip(parts, sizes, strict=True)]).cpu()
+
+
+def _gather_tokens(parts: list[TokenBatch], with_entropy: bool) -> TokenBatch:
+    """Every rank's valid tokens as one TokenBatch (float64: the statistics' selections stay exact)."""
+    empty = torch.zeros(0)
+    local = (
+        TokenBatch.cat(parts) if parts else TokenBatch(empty, empty, empty, empty if with_entropy else None)
+    )
+    fields = [local.logprobs, local.old_logprobs, local.advantages]
+    if with_entropy:
+        fields.append(local.entropy)
+    gathered = [_all_gather_1d(f.double()) for f in fields]
+    return TokenBatch(*gathered[:3], gathered[3] if with_entropy else None)
 
 
 def _split(n: int, parts: int) -> list[list[int]]:
