@@ -40,6 +40,7 @@ class MicroBatch:
     sample_index: list[int]  # which samples of the step's batch the B rows are
     num_tokens: int = 0  # tokens run through the model (no padding, shared prompts once)
     old_logprobs: torch.Tensor | None = None  # [B, T] pi_old recorded before the update (off-policy)
+    turn_idx: torch.Tensor | None = None  # [B] step-wise samples' turns, when a loss term reads them
 
     def target_hidden(self, decoder: torch.nn.Module) -> torch.Tensor:
         """[N, H] the decoder's last hidden states at the target positions (the inputs of the

@@ -80,12 +80,15 @@ class AEntController:
 
 
 class EPOController:
-    """EPO entropy history and phase weight, algorithms.md §1 (paper v2, cumulative history).
+    """EPO entropy history and phase weight, algorithms.md §1.
 
-    Reads "entropy/mean" (the step's mean token entropy). At step k the regulariser gets
-    Href = mean of the k previous steps' entropies (None at k = 0) and
-    beta_k = 1 + exp(-gamma k / floor(K/2)), K = total RL steps.
-    (The released code's per-turn-index history is not implemented.)
+    history "step" (paper v2): reads "entropy/mean" (the step's mean token entropy) after each
+    update; at step k the regulariser gets Href = mean of the k previous steps' entropies (None
+    at k = 0). history "turn" (the released code): `observe_rollout` reads the rollout's
+    "entropy/turn_{s}" before the update and Href[s] = mean over every step so far, this one
+    included, of the turn-s entropies (steps whose episodes never reached turn s do not count,
+    where the code's left-padding with zeros shifted indices). Both: beta_k = 1 + exp(-gamma k /
+    floor(K/2)), K = total RL steps, k = updates done.
     """
 
     stat_key = "entropy/mean"
@@ -95,14 +98,18 @@ class EPOController:
             raise ValueError(f"EPOController needs total_steps >= 1 (trainer steps), got {total_steps}")
         self.params = params
         self.total_steps = total_steps
-        self.history: list[float] = []
+        self.history: list[float] = []  # "step": each update's mean entropy
+        self.turn_history: list[list[float]] = []  # "turn": each step's per-turn rollout entropy
+        self.updates = 0
 
     @property
     def step(self) -> int:
-        return len(self.history)
+        return self.updates
 
     @property
-    def entropy_ref(self) -> float | None:
+    def entropy_ref(self) -> float | list[float] | None:
+        if self.params.history == "turn":
+            return _column_means(self.turn_history) or None
         return sum(self.history) / len(self.history) if self.history else None
 
     @property
@@ -110,17 +117,40 @@ class EPOController:
         k_mid = max(1, self.total_steps // 2)
         return 1.0 + math.exp(-self.params.gamma * self.step / k_mid)
 
+    def observe_rollout(self, metrics: Mapping[str, float]) -> None:
+        """history "turn": this step's per-turn mean entropy, before its update."""
+        if self.params.history != "turn":
+            return
+        turns = sorted(int(k.rsplit("_", 1)[1]) for k in metrics if k.startswith("entropy/turn_"))
+        self.turn_history.append(
+            [float(metrics[f"entropy/turn_{s}"]) for s in range(max(turns, default=-1) + 1)]
+        )
+
     def update(self, stats: Mapping[str, float]) -> None:
-        self.history.append(_read(stats, self.stat_key, "EPOController"))
+        self.updates += 1
+        if self.params.history == "step":
+            self.history.append(_read(stats, self.stat_key, "EPOController"))
 
     def loss_kwargs(self) -> dict[str, Any]:
         return {"entropy_ref": self.entropy_ref, "beta": self.beta}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history)}
+        return {
+            "history": list(self.history),
+            "turn_history": [list(v) for v in self.turn_history],
+            "updates": self.updates,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.history = [float(h) for h in state["history"]]
+        self.turn_history = [[float(h) for h in v] for v in state.get("turn_history", [])]
+        self.updates = int(state.get("updates", len(self.history)))
+
+
+def _column_means(rows: list[list[float]]) -> list[float]:
+    """Element-wise mean of ragged rows (column s over the rows that have one)."""
+    width = max((len(r) for r in rows), default=0)
+    return [sum(r[s] for r in rows if len(r) > s) / sum(len(r) > s for r in rows) for s in range(width)]
 
 
 class AdaptiveKLController:

@@ -357,6 +357,7 @@ class Trainer:
         started = time.perf_counter()
         result = self._collect() if cfg.algo.dynamic_sampling else self._rollout_batch(0, 0)
         result.metrics.update(shape_overlong(result.samples, cfg.algo.overlong))
+        self._observe_rollout(result.metrics)
         t_rollout = time.perf_counter()
         values = self.critic.values(result.samples) if self.critic is not None else None
         reference = (
@@ -443,6 +444,15 @@ class Trainer:
         metrics = _merge_metrics([m for m in batches if m])
         metrics.update({"rollout/kept_groups": float(len(kept)), "rollout/gen_batches": float(len(batches))})
         return RolloutResult(samples, metrics)
+
+    def _observe_rollout(self, metrics: dict[str, float]) -> None:
+        """Controllers that read the rollout before the update (EPO's per-turn history) get
+        its metrics, averaged over ranks so every rank's controller makes the same step."""
+        observers = [c for c in self.learner.controllers.values() if hasattr(c, "observe_rollout")]
+        if observers:
+            reduced = _mean_over_ranks(metrics)
+            for controller in observers:
+                controller.observe_rollout(reduced)
 
     def _update_controllers(self) -> dict[str, float]:
         """Advance every loss-term controller with the step's statistics (already reduced over

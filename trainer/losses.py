@@ -9,7 +9,7 @@ reduces and logs them.
 
 Each registered entry declares the optional inputs it reads in `needs` (any of "entropy",
 "clamped_entropy", "top_p_entropy", "ref_logprobs", "rollout_logprobs", "traj_ids",
-"reinforce_mask"), so the learner computes entropy whenever any configured term needs it
+"reinforce_mask", "turn_idx"), so the learner computes entropy whenever any configured term needs it
 (algorithms.md §8.1).
 
 Two registries: `POLICY_LOSSES` (called as `fn(inputs)`, or `fn(inputs, **controller.loss_kwargs())`
@@ -66,6 +66,8 @@ class LossInputs:
                       algorithms.md §7.3); differentiable.
     reinforce_mask:   1 on tokens of the extra temperature-switched samples of Arbitrary-Entropy
                       PO (algorithms.md §7.9), produced by the rollout hook in `trainer/sampling.py`.
+    turn_idx:         [B] long, step-wise samples: the turn of its episode each row is (EPO's
+                      per-turn entropy history, the released code's mode).
     """
 
     logprobs: Tensor
@@ -80,6 +82,7 @@ class LossInputs:
     traj_ids: Tensor | None = None
     top_p_entropy: Tensor | None = None
     reinforce_mask: Tensor | None = None
+    turn_idx: Tensor | None = None
 
     def __post_init__(self) -> None:
         shape = self.logprobs.shape

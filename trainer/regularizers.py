@@ -155,22 +155,43 @@ class EPOParams:
     kappa_high: float = 2.0
     gamma: float = 3.0  # beta_k = 1 + exp(-gamma k / floor(K/2))
     penalty: Literal["hinge", "indicator"] = "hinge"  # paper v2 | released code (no gradient)
+    # "step": Href = mean of the previous RL steps' mean entropy (paper v2). "turn": the released
+    # code's per-turn-index history, Href[s] = mean over all steps so far (this one included) of
+    # the rollout's mean entropy at turn s, for a sample of turn s (needs rollout.mode=step).
+    history: Literal["step", "turn"] = "step"
 
 
-@REGULARIZERS.register("epo", params=EPOParams, needs={"entropy"}, controller="epo")
+@REGULARIZERS.register(
+    "epo",
+    params=EPOParams,
+    needs=lambda p: {"entropy", "turn_idx"} if p.history == "turn" else {"entropy"},
+    controller="epo",
+)
 def epo(
-    inputs: LossInputs, params: EPOParams, *, entropy_ref: float | None = None, beta: float = 1.0
+    inputs: LossInputs,
+    params: EPOParams,
+    *,
+    entropy_ref: float | list[float] | None = None,
+    beta: float = 1.0,
 ) -> LossOutput:
     """EPO entropy regulariser, algorithms.md §1: per-token loss -lambda (H - beta alpha P).
 
     P = [kappa_l Href - H]_+ + [H - kappa_r Href]_+ (hinge, differentiable) or, with
     penalty="indicator", the released code's constant 1[H <= kappa_l Href or H >= kappa_r Href].
-    Href (cumulative mean of past steps' mean entropy) and beta_k come from
-    `controllers.EPOController`; at step 0 (entropy_ref None) the smoothing term is 0.
+    Href and beta_k come from `controllers.EPOController`: a float (history "step", the
+    cumulative mean of past steps' mean entropy; None at step 0: no smoothing term) or, with
+    history "turn", one value per turn index, looked up by each row's `turn_idx` (rows past
+    the table's end use its last entry).
     """
     entropy = _require(inputs, "entropy", "epo")
     penalty = torch.zeros_like(entropy)
     if entropy_ref is not None:
+        if params.history == "turn":
+            table = torch.tensor(entropy_ref, dtype=entropy.dtype, device=entropy.device)
+            if inputs.turn_idx is None:
+                raise ValueError("epo with history='turn' needs LossInputs.turn_idx (step-wise samples)")
+            turns = inputs.turn_idx.clamp(0, len(table) - 1)
+            entropy_ref = table[turns].unsqueeze(1)  # [B, 1] per row
         low, high = params.kappa_low * entropy_ref, params.kappa_high * entropy_ref
         if params.penalty == "hinge":
             penalty = torch.relu(low - entropy) + torch.relu(entropy - high)

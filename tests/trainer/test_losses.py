@@ -251,6 +251,38 @@ def test_epo_controller_history_and_beta():
     assert fresh.loss_kwargs() == ctrl.loss_kwargs()
 
 
+def test_epo_per_turn_history_as_the_released_code():
+    """history "turn": Href[s] = mean over steps so far (this one included) of the rollout's
+    turn-s entropy; a step whose episodes stopped early does not count for later turns."""
+    ctrl = make_controller("epo", REGULARIZERS.make_params("epo", {"history": "turn"}), total_steps=10)
+    assert ctrl.entropy_ref is None
+    ctrl.observe_rollout({"entropy/turn_0": 1.0, "entropy/turn_1": 2.0, "reward/mean": 0.5})
+    assert ctrl.loss_kwargs() == {"entropy_ref": [1.0, 2.0], "beta": 2.0}  # no update yet: k = 0
+    ctrl.update({"entropy/mean": 9.0})  # the step's learner entropy plays no part here
+    ctrl.observe_rollout({"entropy/turn_0": 3.0})
+    assert ctrl.entropy_ref == [2.0, 2.0] and ctrl.beta == pytest.approx(1 + math.exp(-0.6))
+    fresh = EPOController(ctrl.params, 10)
+    fresh.load_state_dict(ctrl.state_dict())
+    assert fresh.loss_kwargs() == ctrl.loss_kwargs()
+
+
+def test_epo_per_turn_reference_is_looked_up_by_each_rows_turn():
+    # rows of turn 0 and 5 (past the table: its last entry); Href = [1, 4]; kappa_high 2:
+    # row 0: H = 3 > 2 * 1 -> P = 1; row 1: H = 3 < 2 * 4 -> P = 0
+    entropy = torch.tensor([[3.0], [3.0]], dtype=torch.float64)
+    zeros = torch.zeros_like(entropy)
+    inputs = LossInputs(
+        zeros, zeros, zeros, torch.ones_like(entropy), entropy=entropy, turn_idx=torch.tensor([0, 5])
+    )
+    params = {"coef": 1.0, "alpha": 0.1, "history": "turn"}
+    out = REGULARIZERS.build("epo", params)(inputs, entropy_ref=[1.0, 4.0], beta=1.0)
+    torch.testing.assert_close(out.per_token_loss, torch.tensor([[-3.0 + 0.1], [-3.0]], dtype=torch.float64))
+    assert REGULARIZERS.build("epo", params).needs == {"entropy", "turn_idx"}
+    inputs.turn_idx = None
+    with pytest.raises(ValueError, match="turn_idx"):
+        REGULARIZERS.build("epo", params)(inputs, entropy_ref=[1.0], beta=1.0)
+
+
 def test_adaptive_kl_controller():
     assert make_controller("kl", REGULARIZERS.make_params("kl"), total_steps=1) is None  # fixed coef
     ctrl = make_controller(

@@ -71,6 +71,7 @@ _SUPPORTED_NEEDS = {
     "ref_logprobs",
     "rollout_logprobs",
     "traj_ids",
+    "turn_idx",
 }
 _DETACHED_FOR_POLICY = ("entropy", "clamped_entropy", "top_p_entropy")
 _SUMMED_STATS = ("bapo/",)
@@ -235,6 +236,11 @@ class DeepSpeedLearner:
                 f"provide yet (it provides {sorted(_SUPPORTED_NEEDS)})"
             )
         self.needs = frozenset(needs)
+        if "turn_idx" in needs and cfg.rollout.mode != "step":
+            raise ValueError(
+                "a configured term reads per-turn samples (turn_idx, e.g. epo with history: turn): "
+                "set rollout.mode=step (one sample per turn)"
+            )
         drop = {term.fn.params.drop_frac for term in self.regularizers if "clamped_entropy" in term.fn.needs}
         if len(drop) > 1:
             raise ValueError(
@@ -408,6 +414,7 @@ class DeepSpeedLearner:
             if k < len(micros):
                 micro = micros[k]
                 traj_ids = torch.tensor([samples[i].traj_id for i in micro.sample_index])
+                micro.turn_idx = _turn_idx(samples, micro) if "turn_idx" in self.needs else None
                 selection = selections[k] if selections is not None else None
                 loss, terms, metrics, weights = self._loss(micro, counts, traj_ids, selection, view)
                 term_sums += torch.tensor([terms[key] for key in term_keys], dtype=torch.float64)
@@ -461,6 +468,7 @@ class DeepSpeedLearner:
             clamped_entropy=optional(stats.clamped_entropy),
             top_p_entropy=optional(top_p),
             traj_ids=traj_ids,
+            turn_idx=micro.turn_idx,
         )
         metrics: dict[str, float] = {}
         # The policy term: detached entropies, the forking-token mask, token weights.
@@ -821,6 +829,10 @@ def _rows(per_sample: list[torch.Tensor], micro: MicroBatch) -> torch.Tensor:
         row = per_sample[i][: out.shape[1]]
         out[r, : len(row)] = row
     return out
+
+
+def _turn_idx(samples: list[Trajectory], micro: MicroBatch) -> torch.Tensor:
+    return torch.tensor([samples[i].turn_idx or 0 for i in micro.sample_index], dtype=torch.long)
 
 
 def _all_zero(sample: Trajectory, advantage: torch.Tensor) -> bool:
