@@ -56,6 +56,7 @@ class Trajectory:
     fork_turn: int | None = None  # the first turn the branch played itself
     fork_token: int | None = None  # trajectory mode: response tokens [0, fork_token) are the parent's
     stop_reason: str = "terminated"
+    reinforce: bool = False  # Arbitrary-Entropy PO's extra temperature-T sample: REINFORCE term only
     info: dict = field(default_factory=dict)  # success, task id, env id, per-turn stats, timings
 
     def __post_init__(self) -> None:

@@ -41,6 +41,7 @@ class MicroBatch:
     num_tokens: int = 0  # tokens run through the model (no padding, shared prompts once)
     old_logprobs: torch.Tensor | None = None  # [B, T] pi_old recorded before the update (off-policy)
     turn_idx: torch.Tensor | None = None  # [B] step-wise samples' turns, when a loss term reads them
+    reinforce_mask: torch.Tensor | None = None  # [B, T] Arbitrary-Entropy PO's extra samples' tokens
 
     def target_hidden(self, decoder: torch.nn.Module) -> torch.Tensor:
         """[N, H] the decoder's last hidden states at the target positions (the inputs of the

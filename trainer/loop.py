@@ -30,7 +30,15 @@ from agents.types import Trajectory
 from trainer.advantages import ADVANTAGES, AdvantageInputs
 from trainer.batch import response_tensors
 from trainer.checkpoint import Checkpointer, fsync_tree
-from trainer.config import Config, OverlongConfig, check_world, describe_sizes, task_level, to_yaml
+from trainer.config import (
+    Config,
+    NamedConfig,
+    OverlongConfig,
+    check_world,
+    describe_sizes,
+    task_level,
+    to_yaml,
+)
 from trainer.evaluation import eval_metrics
 from trainer.logging import RunLogger
 from trainer.regularizers import kl_in_reward
@@ -365,8 +373,13 @@ class Trainer:
         )
         advantages, adv_metrics, returns = compute_advantages(result.samples, cfg, values, reference)
         self.last_samples, self.last_advantages = result.samples, advantages
+        first_traj = 1 + max((s.traj_id for s in result.samples), default=-1)
+        extra, extra_rows, extra_metrics = self._temperature_extras(first_traj)
+        adv_metrics.update(extra_metrics)
+        if extra:  # after the main advantages: the extras bring their own (+1)
+            self.last_samples, self.last_advantages = result.samples + extra, advantages + extra_rows
         t_adv = time.perf_counter()
-        update_metrics = self._update(result.samples, advantages)
+        update_metrics = self._update(self.last_samples, self.last_advantages)
         if self.critic is not None:
             update_metrics.update(self.critic.update(result.samples, returns, values))
         update_metrics.update(self._update_controllers())
@@ -416,7 +429,44 @@ class Trainer:
         tasks = make_group_tasks(cfg.env.id, cfg.env.kwargs, picked, cfg.algo.group_size, first_group)
         result = self.rollout.run(tasks, cfg.sampling)
         _shift_traj_ids(result.samples, first_traj)
+        self._last_picked = picked
         return result
+
+    def _temperature_extras(
+        self, first_traj: int
+    ) -> tuple[list[Trajectory], list[torch.Tensor], dict[str, float]]:
+        """Arbitrary-Entropy PO (algorithms.md §7.9): a quarter of this step's tasks played again
+        at the controller's temperature (T_high below the entropy target, T_low above it); the
+        samples with a GRPO advantage above the threshold (at most max_samples, halved above
+        the target) join the batch with advantage +1, trained by the REINFORCE term only.
+        Returns (samples, advantage rows, metrics); nothing without the regulariser."""
+        switch = next((c for c in self.learner.controllers.values() if hasattr(c, "temperature")), None)
+        if switch is None:
+            return [], [], {}
+        cfg = self.cfg
+        picked = self._last_picked[: max(1, len(self._last_picked) // 4)]
+        first_group = 1 + max((s.group_id for s in self.last_samples), default=0)
+        tasks = make_group_tasks(cfg.env.id, cfg.env.kwargs, picked, cfg.algo.group_size, first_group)
+        extra = self.rollout.run(tasks, dataclasses.replace(cfg.sampling, temperature=switch.temperature))
+        _shift_traj_ids(extra.samples, first_traj)
+        grpo = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, advantage=NamedConfig("grpo")))
+        rows, _, _ = compute_advantages(extra.samples, grpo)
+        # a GRPO row is one value on every sampled token
+        scalars = [
+            float(row[torch.tensor(s.loss_mask) > 0][:1].sum())
+            for s, row in zip(extra.samples, rows, strict=True)
+        ]
+        chosen = switch.select(scalars)
+        for i in chosen:
+            extra.samples[i].reinforce = True
+        kept = [extra.samples[i] for i in chosen]
+        ones = [torch.tensor(s.loss_mask, dtype=torch.float32) for s in kept]
+        metrics = {
+            "reinforce/temperature": switch.temperature,
+            "reinforce/played": float(len(extra.samples)),
+            "reinforce/kept": float(len(kept)),
+        }
+        return kept, ones, metrics
 
     def _collect(self) -> RolloutResult:
         """DAPO dynamic sampling: generation batches until this rank has its share of groups with

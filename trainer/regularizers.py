@@ -289,7 +289,7 @@ class TemperatureReinforceParams:
 @REGULARIZERS.register(
     "temperature_reinforce",
     params=TemperatureReinforceParams,
-    needs={"reinforce_mask"},
+    needs={"reinforce_mask", "entropy"},
     controller="temperature_switch",
 )
 def temperature_reinforce(inputs: LossInputs, params: TemperatureReinforceParams) -> LossOutput:
@@ -305,4 +305,6 @@ def temperature_reinforce(inputs: LossInputs, params: TemperatureReinforceParams
     logprobs = torch.where(inputs.valid, inputs.logprobs, torch.zeros_like(inputs.logprobs))
     loss = -params.coef * mask * _advantages(inputs) * logprobs
     metrics = {"loss/reinforce_token_frac": masked_mean((mask > 0).float(), inputs.loss_mask)}
+    if inputs.entropy is not None:  # the controller's switch reads the policy's mean entropy
+        metrics["entropy/mean"] = masked_mean(inputs.entropy.detach(), inputs.loss_mask)
     return _finish(inputs, loss, metrics)

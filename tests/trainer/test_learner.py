@@ -336,8 +336,9 @@ def test_controllers_are_updated_with_the_steps_reduced_statistics(model_dir):
 
 
 def test_terms_the_learner_cannot_feed_fail_at_build(model_dir):
-    with pytest.raises(ValueError, match="reinforce_mask"):
-        make_learner(model_dir, "algo.regularizers=[{name: temperature_reinforce}]")
+    # per-turn EPO reads each row's turn, which whole-episode samples do not have
+    with pytest.raises(ValueError, match="rollout.mode=step"):
+        make_learner(model_dir, "rollout.mode=trajectory", "algo.regularizers=[{name: epo, params: {history: turn}}]")
 
 
 @pytest.mark.parametrize("stage", [0, 2])

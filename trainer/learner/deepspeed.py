@@ -63,7 +63,7 @@ from trainer.schedules import lr_multiplier
 # with all-zero advantages can be skipped without changing the update (when nothing else is
 # in the update: see `DeepSpeedLearner._skip_allowed`).
 _ZERO_AT_ZERO_ADVANTAGE = {"ppo_clip", "gspo"}
-# Optional LossInputs the learner can produce; "reinforce_mask" needs a rollout hook not wired yet.
+# Optional LossInputs the learner can produce.
 _SUPPORTED_NEEDS = {
     "entropy",
     "clamped_entropy",
@@ -72,6 +72,7 @@ _SUPPORTED_NEEDS = {
     "rollout_logprobs",
     "traj_ids",
     "turn_idx",
+    "reinforce_mask",
 }
 _DETACHED_FOR_POLICY = ("entropy", "clamped_entropy", "top_p_entropy")
 _SUMMED_STATS = ("bapo/",)
@@ -415,6 +416,9 @@ class DeepSpeedLearner:
                 micro = micros[k]
                 traj_ids = torch.tensor([samples[i].traj_id for i in micro.sample_index])
                 micro.turn_idx = _turn_idx(samples, micro) if "turn_idx" in self.needs else None
+                micro.reinforce_mask = (
+                    _reinforce_mask(samples, micro) if "reinforce_mask" in self.needs else None
+                )
                 selection = selections[k] if selections is not None else None
                 loss, terms, metrics, weights = self._loss(micro, counts, traj_ids, selection, view)
                 term_sums += torch.tensor([terms[key] for key in term_keys], dtype=torch.float64)
@@ -469,6 +473,7 @@ class DeepSpeedLearner:
             top_p_entropy=optional(top_p),
             traj_ids=traj_ids,
             turn_idx=micro.turn_idx,
+            reinforce_mask=micro.reinforce_mask,
         )
         metrics: dict[str, float] = {}
         # The policy term: detached entropies, the forking-token mask, token weights.
@@ -477,6 +482,8 @@ class DeepSpeedLearner:
             if selection is None:  # stats_scope "micro_batch": the top ratio of this micro-batch
                 selection = forking_token_mask(inputs.entropy, micro.loss_mask, self.cfg.algo.forking_tokens)
             policy_mask = selection
+        if micro.reinforce_mask is not None:  # Arbitrary-Entropy PO's extras: their own term only
+            policy_mask = policy_mask * (1 - micro.reinforce_mask)
         detached = {
             f: getattr(inputs, f).detach() for f in _DETACHED_FOR_POLICY if getattr(inputs, f) is not None
         }
@@ -485,9 +492,7 @@ class DeepSpeedLearner:
         metrics.update(
             {
                 k: float(v)
-                for k, v in mismatch_metrics(
-                    inputs.old_logprobs, micro.rollout_logprobs, micro.loss_mask
-                ).items()
+                for k, v in mismatch_metrics(inputs.old_logprobs, micro.rollout_logprobs, policy_mask).items()
             }
         )
         if mode != "none":
@@ -829,6 +834,12 @@ def _rows(per_sample: list[torch.Tensor], micro: MicroBatch) -> torch.Tensor:
         row = per_sample[i][: out.shape[1]]
         out[r, : len(row)] = row
     return out
+
+
+def _reinforce_mask(samples: list[Trajectory], micro: MicroBatch) -> torch.Tensor:
+    """[B, T] the loss mask on rows of Arbitrary-Entropy PO's extra samples, 0 elsewhere."""
+    flags = torch.tensor([float(samples[i].reinforce) for i in micro.sample_index])
+    return micro.loss_mask * flags[:, None]
 
 
 def _turn_idx(samples: list[Trajectory], micro: MicroBatch) -> torch.Tensor:
