@@ -174,3 +174,15 @@ def test_task_level_layers_env_set_data_dir_and_split():
     assert task_level(cfg.env, cfg.env.eval) == {"split": "valid_seen", "data_dir": "/data/alfworld"}
     cfg = load(None, ["env.eval.level.split=valid_seen", "env.split=valid_unseen"])
     assert task_level(cfg.env, cfg.env.eval)["split"] == "valid_unseen"
+
+
+@pytest.mark.parametrize(
+    ("name", "ranks"),
+    [("alfworld_grpo_epo_1x", 1), ("alfworld_grpo_epo_8x", 8), ("math_dapo_2x8", 16)],
+)
+def test_gpu_presets_divide_over_their_ranks(name, ranks):
+    from trainer.config import check_world, describe_sizes
+
+    cfg = load(ROOT / "configs" / "gpu" / f"{name}.yaml")
+    check_world(cfg, ranks)  # raises naming the keys when groups would not split evenly
+    assert f"ranks {ranks}" in describe_sizes(cfg, ranks)

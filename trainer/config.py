@@ -205,6 +205,18 @@ class CriticConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases logging beside the JSONL file (rank 0 only; needs `pip install wandb`).
+    The run id is kept in <output_dir>/wandb_id, so a resumed run continues the same W&B run."""
+
+    project: str = ""  # "" = off
+    entity: str = ""
+    name: str = ""  # "" = the output folder's name
+    mode: str = "online"  # online | offline (sync later with `wandb sync`) | disabled
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     steps: int = 8
@@ -221,6 +233,7 @@ class TrainConfig:
     # output_dir: the default name is new each run); never: start fresh; or a checkpoint path.
     resume: str = "auto"
     tensorboard: bool = False  # also write TensorBoard event files to <output_dir>/tensorboard
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     save_rollouts: bool = (
         False  # write each step's samples to <output_dir>/rollouts/ (entrorl show-trajectory)
     )
@@ -399,6 +412,10 @@ def finalize(cfg: Config) -> None:
         (
             cfg.train.max_staleness >= 0,
             f"train.max_staleness={cfg.train.max_staleness}: updates of lag, >= 0",
+        ),
+        (
+            cfg.train.wandb.mode in ("online", "offline", "disabled"),
+            f"train.wandb.mode={cfg.train.wandb.mode!r}: use online, offline or disabled",
         ),
         (cfg.critic.value_clip >= 0, f"critic.value_clip={cfg.critic.value_clip}: >= 0 (0 = off)"),
         (cfg.critic.warmup_steps >= 0, f"critic.warmup_steps={cfg.critic.warmup_steps}: >= 0"),

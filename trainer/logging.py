@@ -1,4 +1,5 @@
-"""Run logging: an append-only JSONL metrics file and a compact console line per step."""
+"""Run logging: an append-only JSONL metrics file and a compact console line per step, plus
+TensorBoard and Weights & Biases when asked for."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -25,10 +27,18 @@ _CONSOLE_KEYS = [
 
 
 class RunLogger:
-    """JSONL (always), the console line, and TensorBoard event files when asked for
-    (`train.tensorboard=true`: `<run_dir>/tensorboard`, one scalar per metric key)."""
+    """JSONL (always), the console line, TensorBoard event files when asked for
+    (`train.tensorboard=true`: `<run_dir>/tensorboard`, one scalar per metric key), and a W&B
+    run when `wandb` (a `WandbConfig`) names a project."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = False):
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool = True,
+        tensorboard: bool = False,
+        wandb: Any = None,
+        config: dict | None = None,
+    ):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.console = Console(stderr=True, highlight=False)
@@ -36,6 +46,7 @@ class RunLogger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         self.board = _summary_writer(self.run_dir / "tensorboard") if enabled and tensorboard else None
+        self.wandb = _wandb_run(self.run_dir, wandb, config) if enabled and wandb is not None and wandb.project else None
 
     def log(self, step: int, metrics: dict[str, float], total_steps: int | None = None) -> None:
         if not self.enabled:
@@ -50,6 +61,8 @@ class RunLogger:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.board.add_scalar(key, value, step)
             self.board.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
         shown = [f"{label} {fmt.format(metrics[k])}" for k, label, fmt in _CONSOLE_KEYS if k in metrics]
         where = f"step {step}/{total_steps}" if total_steps else f"step {step}"
         self.console.print(f"[bold]{where}[/bold]  " + "  ".join(shown))
@@ -57,6 +70,36 @@ class RunLogger:
     def info(self, message: str) -> None:
         if self.enabled:
             self.console.print(message)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _wandb_run(run_dir: Path, cfg: Any, config: dict | None):
+    """A W&B run that a resumed entrorl run continues (its id is kept in the run folder)."""
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError(
+            f"train.wandb.project={cfg.project!r} needs the wandb package: pip install wandb "
+            "(or set train.wandb.project='' to turn W&B off)"
+        ) from None
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    id_file.write_text(run_id + "\n")
+    return wandb.init(
+        project=cfg.project,
+        entity=cfg.entity or None,
+        name=cfg.name or run_dir.name,
+        id=run_id,
+        resume="allow",
+        mode=cfg.mode,
+        tags=list(cfg.tags),
+        dir=str(run_dir),
+        config=config,
+    )
 
 
 def _summary_writer(folder: Path):

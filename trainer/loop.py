@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from agents.engines.hf import HFEngine
 from agents.engines.models import resolve_model
@@ -254,7 +255,13 @@ class Trainer:
         self.rollout = Rollout(self.engine, self.engine.tokenizer, cfg.rollout)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(cfg.train.output_dir or f"runs/{run_name}-{stamp}")
-        self.logger = RunLogger(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.train.tensorboard)
+        self.logger = RunLogger(
+            self.run_dir,
+            enabled=self.rank == 0,
+            tensorboard=cfg.train.tensorboard,
+            wandb=cfg.train.wandb,
+            config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+        )
         self.logger.info(describe_sizes(cfg, self.world))
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -289,6 +296,7 @@ class Trainer:
         if cfg.train.save_model:
             self._export(self.run_dir / "model")
         self._write_summary(summary)
+        self.logger.close()
         return summary
 
     def _train_step(self, step: int, nonfinite: int) -> int:
