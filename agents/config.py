@@ -24,6 +24,10 @@ class RolloutConfig:
     max_context: int = 2048  # prompt + reply must fit; else the episode stops (context_overflow)
     history_window: int = 0  # step mode: past (observation, action) pairs shown in the prompt
     parse_error_limit: int = 0  # consecutive unparsable replies that end an episode; 0 = never
+    # Env text longer than this (observation, task, each command) is cut: its head and tail are
+    # kept around a marker saying how many chars were dropped (counted: rollout/obs_truncated).
+    # 0 = no cap. Lone surrogates (undecodable bytes) become U+FFFD either way.
+    max_obs_chars: int = 8192
     # reward terms, name -> weight (agents/rewards.py); empty = {success: 1.0}. (An empty default
     # rather than a filled one: YAML dicts merge into defaults, so a default term could not be removed.)
     rewards: dict[str, float] = field(default_factory=dict)

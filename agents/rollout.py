@@ -5,7 +5,9 @@ steps every episode's env in ONE env-pool batch (`environments/pool.py`: in-proc
 processes stepping in parallel), and decides whether each episode goes on. Errors stay inside
 their episode: an env that raises or whose worker dies ends only that episode (`env_error`), a
 step that overruns `env_step_timeout` ends it with `timeout`, an unparsable reply becomes the
-format's fallback action and is counted.
+format's fallback action and is counted. Env text is sanitised before it is tokenized
+(`sanitize_observation`): undecodable characters become U+FFFD and gigantic text is cut to
+`max_obs_chars`.
 
 `agent="expert"` plays each env's `walkthrough()` through the same loop instead of a model: no
 engine, no tokenizer, turns with no tokens (`entrorl eval CONFIG agent=expert`).
@@ -16,8 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,6 +32,7 @@ from agents.brancher import (
     decide_turn_branches,
     initial_roots,
     step_entropy,
+    token_fork_points,
 )
 from agents.chat import check_template, delta_ids, render_prompt
 from agents.config import RolloutConfig, SamplingConfig
@@ -42,6 +47,7 @@ AGENTS = ("model", "expert")
 DEFAULT_REWARDS = {"success": 1.0}
 # Reset-info keys copied into each episode's summary["task"]: evaluation splits success by them.
 TASK_META_KEYS = ("task_type", "task_name", "subject", "level")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -63,6 +69,8 @@ class _Turn:
     parse_error: str | None
     anchor_key: str | None = None  # hash of the observation the prompt was built from
     reward: float = 0.0  # the env reward this turn's action received
+    obs: Observation | None = None  # what the prompt showed (a token-level fork restarts from it)
+    messages_len: int = 0  # trajectory mode: len(episode.messages) when the prompt was made
 
 
 @dataclass
@@ -87,6 +95,9 @@ class _Episode:
     meta: dict = field(default_factory=dict)  # task metadata from the reset info (TASK_META_KEYS)
     parent_id: int | None = None  # branched: the episode this one was forked from
     fork_turn: int | None = None  # branched: turns [0, fork_turn) are the parent's
+    obs_truncated: int = 0  # observations of this episode (its own turns) cut to max_obs_chars
+    fork_offset: int = 0  # token-level branch: its fork turn's first tokens that are the parent's
+    prefix: GenerationResult | None = None  # token-level branch: those tokens, before they are played
 
 
 @dataclass
@@ -104,6 +115,8 @@ class Rollout:
             raise ValueError(f"rollout.agent={cfg.agent!r}; expected one of {AGENTS}")
         if cfg.agent == "model" and engine is None:
             raise ValueError("rollout.agent='model' needs an inference engine (agent 'expert' plays without one)")
+        if cfg.max_obs_chars < 0:
+            raise ValueError(f"rollout.max_obs_chars={cfg.max_obs_chars}; expected >= 0 (0 = no cap)")
         self.engine = engine
         self.tokenizer = tokenizer
         self.cfg = cfg
@@ -112,6 +125,7 @@ class Rollout:
         except TypeError:
             raise ValueError(f"rollout.fewshot is set but format {cfg.format!r} takes no examples (boxed, tool_call do)") from None
         self.reward_fn = compose(cfg.rewards or DEFAULT_REWARDS)
+        self._special_ids = frozenset(tokenizer.all_special_ids) if tokenizer is not None else frozenset()
         # Lives as long as the rollout: workers (and idle envs) are reused from run to run.
         self.pool = EnvPool(cfg.env_workers, cfg.env_step_timeout, cfg.env_reset_timeout)
 
@@ -130,37 +144,60 @@ class Rollout:
             seed=seed,
         )
         started = time.perf_counter()
-        tree = _Tree(self.cfg.branch, tasks, seed) if self.cfg.branch.policy in ("arpo", "aepo") else None
-        episodes = self._start(tree.roots if tree else tasks)
+        policy = self.cfg.branch.policy
+        tree = _Tree(self.cfg.branch, tasks, seed) if policy in ("arpo", "aepo") else None
+        token_tree = _TokenTree(self.cfg.branch, tasks, seed) if policy == "token" else None
+        episodes = self._start(tree.roots if tree else token_tree.roots if token_tree else tasks)
         if tree:
             episodes += self._refill(tree, episodes)  # groups whose every root failed at reset
         timings["env"] += time.perf_counter() - started
-        rounds = 0
         try:
-            while active := [ep for ep in episodes if ep.stop_reason is None]:
+            rounds = self._play(episodes, params, seed, tree, timings)
+            if token_tree:  # CURE/ETMR: the finished roots fork at high-entropy tokens
                 t0 = time.perf_counter()
-                if self.cfg.agent == "expert":
-                    turns = [(ep, self._expert_turn(ep)) for ep in active]
-                else:
-                    # One seed per round: the same seed every round would replay the same random
-                    # draws at every turn.
-                    round_params = params if seed is None else replace(params, seed=seed * 1_000_003 + rounds)
-                    turns = self._model_turns(active, round_params)
-                rounds += 1
-                t1 = time.perf_counter()
-                self._step(turns)
-                if tree:
-                    episodes += self._branch(tree, [ep for ep, _ in turns], len(episodes))
-                    episodes += self._refill(tree, episodes)
-                timings["generate"] += t1 - t0
-                timings["env"] += time.perf_counter() - t1
+                episodes += self._token_forks(token_tree, episodes)
+                episodes += self._start(token_tree.refill(), first_id=len(episodes))
+                timings["env"] += time.perf_counter() - t0
+                self._play(episodes, params, seed, None, timings, first_round=rounds)
         finally:
             self.pool.close_many([ep.handle for ep in episodes if ep.handle is not None])
         samples = [s for ep in episodes for s in self._samples(ep)]
         metrics = self._metrics(episodes, timings)
-        if tree:
-            metrics.update(tree.metrics(episodes))
+        for branching in (tree, token_tree):
+            if branching:
+                metrics.update(branching.metrics(episodes))
         return RolloutResult(samples, metrics, [self._summary(ep) for ep in episodes])
+
+    def _play(
+        self,
+        episodes: list[_Episode],
+        params: SamplingParams,
+        seed: int | None,
+        tree: _Tree | None,
+        timings: Counter,
+        first_round: int = 0,
+    ) -> int:
+        """Rounds until no episode is live: every live episode's turn in one engine call, then
+        one batched env step (then turn-level branching). Returns the next round's index."""
+        rounds = first_round
+        while active := [ep for ep in episodes if ep.stop_reason is None]:
+            t0 = time.perf_counter()
+            if self.cfg.agent == "expert":
+                turns = [(ep, self._expert_turn(ep)) for ep in active]
+            else:
+                # One seed per round: the same seed every round would replay the same random
+                # draws at every turn.
+                round_params = params if seed is None else replace(params, seed=seed * 1_000_003 + rounds)
+                turns = self._model_turns(active, round_params)
+            rounds += 1
+            t1 = time.perf_counter()
+            self._step(turns)
+            if tree:
+                episodes += self._branch(tree, [ep for ep, _ in turns], len(episodes))
+                episodes += self._refill(tree, episodes)
+            timings["generate"] += t1 - t0
+            timings["env"] += time.perf_counter() - t1
+        return rounds
 
     # -- branching (agents/brancher.py decides, this executes) --------------------------------------
 
@@ -185,6 +222,7 @@ class Rollout:
                 turns=list(parent.turns),  # the shared turns themselves are never mutated again
                 parent_id=parent.traj_id,
                 fork_turn=len(parent.turns),
+                obs_truncated=0,  # the parent's cuts are counted once, on the parent
             )
             if isinstance(handle, EnvError):
                 child.stop_reason, child.error = handle.reason, f"fork failed: {handle.message}"
@@ -197,6 +235,51 @@ class Rollout:
         live = {ep.task.group_id for ep in episodes if ep.stop_reason is None}
         tasks = tree.refill(skip=live)
         return self._start(tasks, first_id=len(episodes)) if tasks else []
+
+    def _token_forks(self, tree: _TokenTree, episodes: list[_Episode]) -> list[_Episode]:
+        """CURE/ETMR forks of the finished roots: for each fork point (turn k, token j) the
+        brancher picks, `continuations` new episodes start at turn k with the env cloned as it
+        was before that turn (by replay) and the turn's first j sampled tokens as a prefix;
+        the engine re-samples from token j on. A failed env clone ends only that branch."""
+        points = tree.fork_points(episodes, self._eligible)
+        if not points:
+            return []
+        parents = [ep for ep, _, _ in points]
+        handles = self.pool.fork_many([ep.handle for ep in parents], at_steps=[k for _, k, _ in points])
+        children = []
+        for i, ((parent, k, j), handle) in enumerate(zip(points, handles, strict=True)):
+            turn = parent.turns[k]
+            child = _Episode(
+                task=parent.task,
+                traj_id=len(episodes) + i,
+                handle=None if isinstance(handle, EnvError) else handle,
+                obs=turn.obs,
+                history=list(parent.history[:k]),
+                messages=list(parent.messages[: turn.messages_len]),
+                context_ids=list(turn.prompt_ids),
+                prompt_ids=list(parent.prompt_ids),
+                deltas=[list(d) for d in parent.deltas[:k]],
+                turns=list(parent.turns[:k]),
+                meta=dict(parent.meta),
+                parent_id=parent.traj_id,
+                fork_turn=k,
+                fork_offset=j,
+                prefix=_head(turn.result, j),
+            )
+            child.score = sum(t.reward for t in child.turns)
+            child.parse_errors = sum(t.parse_error is not None for t in child.turns)
+            if isinstance(handle, EnvError):
+                child.stop_reason, child.error = handle.reason, f"fork failed: {handle.message}"
+            children.append(child)
+        return children
+
+    def _eligible(self, token_id: int) -> bool:
+        """A token worth forking at: not special, more than one visible character (CURE)."""
+        if self.tokenizer is None:
+            return True
+        if token_id in self._special_ids:
+            return False
+        return len(self.tokenizer.decode([token_id]).strip()) > 1
 
     # -- one round --------------------------------------------------------------------------------
 
@@ -216,7 +299,7 @@ class Rollout:
             if isinstance(outcome, EnvError):
                 ep.stop_reason, ep.error = outcome.reason, outcome.message
             else:
-                ep.obs = _observation(self.pool.task(ep.handle), self.pool.tools(ep.handle), *outcome)
+                self._observe(ep, *outcome)
                 info = outcome[1]
                 ep.meta = {k: info[k] for k in TASK_META_KEYS if isinstance(info.get(k), (str, int))}
         if self.cfg.agent == "expert":
@@ -227,12 +310,17 @@ class Rollout:
         """One batched engine call over every episode whose next prompt fits; parsed replies."""
         prompts = [(ep, self._next_prompt(ep)) for ep in active]
         ready = [(ep, prompt) for ep, prompt in prompts if ep.stop_reason is None]
-        results = self._generate(ready, params) if ready else []
-        return [
-            (ep, self._parse(ep, prompt, result))
-            for (ep, prompt), result in zip(ready, results, strict=True)
-            if result is not None
-        ]
+        # a token-level branch continues its fork turn after the parent's first j tokens
+        asked = [(ep, prompt + ep.prefix.token_ids if ep.prefix else prompt) for ep, prompt in ready]
+        results = self._generate(asked, params) if ready else []
+        turns = []
+        for (ep, prompt), result in zip(ready, results, strict=True):
+            if result is None:
+                continue
+            if ep.prefix is not None:
+                result, ep.prefix = _joined(ep.prefix, result), None
+            turns.append((ep, self._parse(ep, prompt, result)))
+        return turns
 
     def _generate(self, ready: list[tuple[_Episode, list[int]]], params: SamplingParams) -> list:
         """The batch's results. A failing call is retried once (a transient fault); if it fails
@@ -263,7 +351,8 @@ class Rollout:
             )
         else:
             prompt = ep.context_ids
-        if len(prompt) + self.cfg.max_new_tokens > self.cfg.max_context:
+        prefix = len(ep.prefix.token_ids) if ep.prefix else 0  # a token-level branch's head
+        if len(prompt) + prefix + self.cfg.max_new_tokens > self.cfg.max_context:
             ep.stop_reason = "context_overflow"
         return prompt
 
@@ -272,7 +361,9 @@ class Rollout:
         parsed = self.format.parse(reply, ep.obs)
         ep.parse_errors += parsed.error is not None
         ep.parse_error_streak = ep.parse_error_streak + 1 if parsed.error else 0
-        return _Turn(list(prompt), result, parsed.action, parsed.error, anchor_key(ep.obs))
+        return _Turn(
+            list(prompt), result, parsed.action, parsed.error, anchor_key(ep.obs), obs=ep.obs, messages_len=len(ep.messages)
+        )
 
     def _load_plans(self, episodes: list[_Episode]) -> None:
         for ep, plan in zip(episodes, self.pool.walkthrough_many([ep.handle for ep in episodes]), strict=True):
@@ -302,10 +393,16 @@ class Rollout:
             turn.reward = float(reward)
             ep.won = ep.won or bool(info.get("won", False))
             ep.history.append((ep.obs.text, turn.action))
-            ep.obs = _observation(self.pool.task(ep.handle), self.pool.tools(ep.handle), text, info)
+            self._observe(ep, text, info)
             ep.stop_reason = self._stop_reason(ep, terminated, truncated)
             if self.cfg.mode == "trajectory" and ep.stop_reason is None and ep.plan is None:
                 self._append_observation(ep, turn.result)
+
+    def _observe(self, ep: _Episode, text: Any, info: dict) -> None:
+        """The episode's current observation from the env's text and info, sanitised; counts a cut."""
+        cap = self.cfg.max_obs_chars
+        ep.obs = _observation(self.pool.task(ep.handle), self.pool.tools(ep.handle), text, info, cap)
+        ep.obs_truncated += cap > 0 and len(_as_text(text)) > cap
 
     def _append_observation(self, ep: _Episode, result: GenerationResult) -> None:
         """Token-exact: sampled ids go in as they are; only the env's message is tokenized."""
@@ -377,9 +474,10 @@ class Rollout:
                 Trajectory(
                     prompt_ids=t.prompt_ids,
                     response_ids=list(t.result.token_ids),
-                    loss_mask=[1] * len(t.result.token_ids),
-                    rollout_logprobs=list(t.result.logprobs),
-                    entropies=list(t.result.entropies),
+                    # a token-level branch's fork turn: its first tokens are the parent's sample
+                    loss_mask=_own_mask(len(t.result.token_ids), ep.fork_offset if k == first else 0),
+                    rollout_logprobs=_own_values(t.result.logprobs, ep.fork_offset if k == first else 0),
+                    entropies=_own_values(t.result.entropies, ep.fork_offset if k == first else 0),
                     turn_idx=k,
                     step_reward=t.reward,
                     anchor_key=t.anchor_key,
@@ -414,7 +512,7 @@ class Rollout:
             rollout_logprobs=logprobs,
             entropies=entropies,
             turn_spans=spans,
-            fork_token=None if ep.fork_turn is None else _fork_token(spans, ep.fork_turn, len(ids)),
+            fork_token=None if ep.fork_turn is None else _fork_token(spans, ep.fork_turn, len(ids)) + ep.fork_offset,
             info=summary,
             **common,
         )
@@ -437,6 +535,7 @@ class Rollout:
             "rollout/turns": len(turns) / n,
             "rollout/invalid_rate": sum(t.parse_error is not None for t in turns) / max(len(turns), 1),
             "rollout/gen_tokens": float(tokens),
+            "rollout/obs_truncated": float(sum(ep.obs_truncated for ep in episodes)),
             "entropy/rollout_mean": entropy_sum / max(tokens, 1),
             "time/generate": timings["generate"],
             "time/env": timings["env"],
@@ -477,9 +576,42 @@ def _role_entropy_sums(tokenizer: Any, turns: list[_Turn], prefill: str) -> dict
     return by_role
 
 
-def _observation(env_task: str, tools: list[dict], text: str, info: dict) -> Observation:
-    task = info.get("objective") or env_task or ""
-    return Observation(task=task, text=text, choices=info.get("admissible_commands"), tools=tools or None)
+def _observation(env_task: str, tools: list[dict], text: Any, info: dict, max_chars: int = 0) -> Observation:
+    """The prompt's view of an env's output; all env text sanitised (`sanitize_observation`)."""
+    task = sanitize_observation(info.get("objective") or env_task or "", max_chars)
+    choices = info.get("admissible_commands")
+    if isinstance(choices, (list, tuple)):
+        choices = [sanitize_observation(c, max_chars) for c in choices]
+    text = sanitize_observation(text, max_chars)
+    return Observation(task=task, text=text, choices=choices, tools=tools or None)
+
+
+def sanitize_observation(text: Any, max_chars: int = 0) -> str:
+    """Env text made safe to tokenize, as readable as it can stay.
+
+    Bytes are decoded as UTF-8 (bad bytes -> U+FFFD), None is "", anything else `str()`. Lone
+    surrogates, which a str decoded with `surrogateescape` carries and tokenizers refuse (a
+    TypeError, or "surrogates not allowed"), become U+FFFD; a well-formed surrogate pair becomes
+    its character.
+    With `max_chars` > 0, a longer text keeps its first ceil(max_chars / 2) and last
+    floor(max_chars / 2) characters around `\\n[... N chars dropped ...]\\n`. Pure; never raises.
+    """
+    text = _as_text(text)
+    if max_chars > 0 and len(text) > max_chars:
+        tail = max_chars // 2
+        head = max_chars - tail
+        text = f"{text[:head]}\n[... {len(text) - max_chars} chars dropped ...]\n{text[len(text) - tail :]}"
+    if _SURROGATE.search(text):
+        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
+
+
+def _as_text(text: Any) -> str:
+    if isinstance(text, str):
+        return text
+    if isinstance(text, (bytes, bytearray)):
+        return bytes(text).decode("utf-8", errors="replace")
+    return "" if text is None else str(text)
 
 
 def anchor_key(obs: Observation | None) -> str | None:
@@ -500,6 +632,31 @@ def _final_answer(ep: _Episode) -> str | None:
     """The final answer (\\boxed{}, ####, Answer:) of the last reply, for maj@k; None if none."""
     answer = final_answer(ep.turns[-1].action) if ep.turns else None
     return answer if isinstance(answer, str) else None
+
+
+def _head(result: GenerationResult, j: int) -> GenerationResult:
+    """The first j sampled tokens of a reply, with their log-probs and entropies."""
+    return GenerationResult(result.token_ids[:j], result.logprobs[:j], result.entropies[:j], "length", result.entropy_is_exact)
+
+
+def _joined(prefix: GenerationResult, rest: GenerationResult) -> GenerationResult:
+    """A fork turn's reply: the parent's prefix, then what the engine sampled after it."""
+    return GenerationResult(
+        prefix.token_ids + rest.token_ids,
+        prefix.logprobs + rest.logprobs,
+        prefix.entropies + rest.entropies,
+        rest.finish_reason,
+        prefix.entropy_is_exact and rest.entropy_is_exact,
+    )
+
+
+def _own_mask(n: int, shared: int) -> list[int]:
+    return [0] * min(shared, n) + [1] * max(n - shared, 0)
+
+
+def _own_values(values: list[float], shared: int) -> list[float]:
+    """Per-token values with the shared prefix zeroed (0.0 where loss_mask == 0)."""
+    return [0.0] * min(shared, len(values)) + list(values[shared:])
 
 
 def _fork_token(spans: list[tuple[int, int]], fork_turn: int, length: int) -> int:
@@ -576,6 +733,76 @@ class _Tree:
             "branch/other_entropy": mean(self.other_entropies),
             "branch/budget_used": sum(s.used for s in self.states.values()) / max(sum(s.budget for s in self.states.values()), 1),
             # generated tokens a branch did not have to sample again (flat sampling would have)
+            "branch/tokens_saved": float(shared),
+            "branch/success_root": mean([float(ep.won) for ep in roots]),
+            "branch/success_branch": mean([float(ep.won) for ep in branches]),
+        }
+
+
+class _TokenTree:
+    """Token-level branching (CURE/ETMR) for one rollout: per group, `initial_roots` roots play
+    whole episodes; then each finished root forks at `forks` token positions the brancher picks
+    among its sampled tokens (`token_fork_points`), `continuations` branches each; budget left
+    (a root with too few eligible tokens, a reset failure) becomes fresh roots (`refill`).
+    Made fresh every run."""
+
+    def __init__(self, cfg: BranchConfig, tasks: list[Task], seed: int | None):
+        self.cfg = cfg
+        self.rng = random.Random(seed if seed is not None else random.getrandbits(64))
+        by_group: dict[int, list[Task]] = {}
+        for task in tasks:
+            by_group.setdefault(task.group_id, []).append(task)
+        self.template = {g: group[0] for g, group in by_group.items()}
+        self.states: dict[int, GroupState] = {}
+        self.roots: list[Task] = []
+        for g, group in by_group.items():
+            m = initial_roots(cfg, len(group))
+            self.states[g] = GroupState(budget=len(group), used=m)
+            self.roots += group[:m]
+        self.fork_entropies: list[float] = []
+        self.other_entropies: list[float] = []
+
+    def fork_points(self, episodes: list[_Episode], eligible: Callable[[int], bool]) -> list[tuple[_Episode, int, int]]:
+        """(root, turn k, token j) once per branch to make, within each group's budget."""
+        points = []
+        for ep in episodes:
+            state = self.states[ep.task.group_id]
+            flat = [(k, j) for k, t in enumerate(ep.turns) for j in range(len(t.result.token_ids))]
+            if not flat or ep.handle is None:
+                continue
+            entropies = [ep.turns[k].result.entropies[j] for k, j in flat]
+            ok = [eligible(ep.turns[k].result.token_ids[j]) for k, j in flat]
+            chosen = token_fork_points(entropies, ok, self.cfg, self.rng)
+            self.fork_entropies += [entropies[i] for i in chosen]
+            self.other_entropies += [h for i, h in enumerate(entropies) if ok[i] and i not in chosen]
+            for i in chosen:
+                made = min(self.cfg.continuations, state.left)
+                state.used += made
+                points += [(ep, *flat[i])] * made
+        return points
+
+    def refill(self) -> list[Task]:
+        """Fresh roots for the budget the forks did not use."""
+        fresh = []
+        for g, state in self.states.items():
+            fresh += [replace(self.template[g]) for _ in range(state.left)]
+            state.used = state.budget
+        return fresh
+
+    def metrics(self, episodes: list[_Episode]) -> dict[str, float]:
+        groups = max(len(self.states), 1)
+        branches = [ep for ep in episodes if ep.parent_id is not None]
+        roots = [ep for ep in episodes if ep.parent_id is None]
+        shared = sum(
+            sum(len(t.result.token_ids) for t in ep.turns[: ep.fork_turn]) + ep.fork_offset for ep in branches
+        )
+        mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+        return {
+            "branch/per_group": len(branches) / groups,
+            "branch/max_depth": 1.0 if branches else 0.0,
+            "branch/fork_entropy": mean(self.fork_entropies),
+            "branch/other_entropy": mean(self.other_entropies),
+            "branch/budget_used": sum(s.used for s in self.states.values()) / max(sum(s.budget for s in self.states.values()), 1),
             "branch/tokens_saved": float(shared),
             "branch/success_root": mean([float(ep.won) for ep in roots]),
             "branch/success_branch": mean([float(ep.won) for ep in branches]),

@@ -340,19 +340,29 @@ class EnvPool:
             raise ForkError(result.message)
         return result
 
-    def fork_many(self, handles: list[int]) -> list[int | EnvError]:
+    def fork_many(self, handles: list[int], at_steps: list[int | None] | None = None) -> list[int | EnvError]:
         """Clone each env at its current state, in parallel: reset a new env with the source's seed
         and options, then `restore` the source's `snapshot()` where the env has one, else replay
         the recorded actions, checking each observation, reward and flag against the record.
-        A new handle, or an EnvError saying why, per source."""
+        `at_steps[i]` (not None) clones env i as it was after its first k steps instead (always
+        by replay: a snapshot holds only the current state). A new handle, or an EnvError saying
+        why, per source."""
         n = len(handles)
-        sources = [self._records[h] for h in handles]
+        at = at_steps or [None] * n
+        sources = [
+            self._records[h] if k is None else replace(self._records[h], steps=self._records[h].steps[:k])
+            for h, k in zip(handles, at, strict=True)
+        ]
         forks = [self._place(source.spec) for source in sources]
         failed: dict[int, EnvError] = {}  # position -> why that fork could not be made
-        # One batch: every source's snapshot ((False, None) where it has none), every fork's reset.
-        first = self._run([(h, "snapshot", ()) for h in handles] +
+        # One batch: every current-state source's snapshot, every fork's reset.
+        asked = [i for i in range(n) if at[i] is None]
+        first = self._run([(handles[i], "snapshot", ()) for i in asked] +
                           [(f, "reset", (s.spec, s.seed, s.options)) for f, s in zip(forks, sources, strict=True)])  # fmt: skip
-        snapshots, starts = first[:n], first[n:]
+        snapshots: list = [(False, None)] * n
+        for i, result in zip(asked, first[: len(asked)], strict=True):
+            snapshots[i] = result
+        starts = first[len(asked) :]
         for i in range(n):
             error = next((r for r in (snapshots[i], starts[i]) if isinstance(r, EnvError)), None)
             if error is not None:

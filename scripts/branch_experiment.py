@@ -1,15 +1,13 @@
 """Branching vs flat sampling at the same episode budget: the brancher's experiment.
 
-Plays the same task groups with each branch policy (none = flat, arpo, aepo) and prints, per
+Plays the same task groups with each branch policy (none = flat, arpo, aepo, token = CURE:
+forks at one of a finished root's top-20 entropy tokens, 3 continuations each) and prints, per
 policy: success@k (a group has at least one win), mean success, distinct outcomes (distinct
 action sequences) per 1k generated tokens, generated tokens, and the branch metrics.
 
     .venv/bin/python scripts/branch_experiment.py                      # quickstart games, SmolLM2
     .venv/bin/python scripts/branch_experiment.py --model runs/x/model # a trained policy
     .venv/bin/python scripts/branch_experiment.py --config configs/alfworld_grpo.yaml --tasks 8
-
-The token-level policy (CURE/ETMR) is a brancher decision only; the rollout does not execute
-mid-turn forks yet, so it is not in this table.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default: the config's model")
     parser.add_argument("--tasks", type=int, default=8, help="task groups (from the eval seeds)")
     parser.add_argument("--group", type=int, default=8, help="episodes per group (the budget k)")
-    parser.add_argument("--policies", default="none,arpo,aepo")
+    parser.add_argument("--policies", default="none,arpo,aepo,token")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
@@ -49,7 +47,10 @@ def main() -> None:
     tasks = make_group_tasks(cfg.env.id, cfg.env.kwargs, picked, args.group)
     rows = []
     for policy in args.policies.split(","):
-        branch = BranchConfig(policy) if policy == "none" else BranchConfig(policy, roots=args.group // 2, beam=2)
+        branch = {
+            "none": BranchConfig("none"),
+            "token": BranchConfig("token", forks=1, continuations=3),  # CURE's n2 = 3
+        }.get(policy) or BranchConfig(policy, roots=args.group // 2, beam=2)
         rollout = Rollout(engine, engine.tokenizer, replace(cfg.rollout, branch=branch))
         torch.manual_seed(args.seed)
         started = time.perf_counter()
