@@ -357,7 +357,8 @@ class Rollout:
         return prompt
 
     def _parse(self, ep: _Episode, prompt: list[int], result: GenerationResult) -> _Turn:
-        reply = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        # no clean-up: transformers 4.x would drop spaces before punctuation for some tokenizers
+        reply = self.tokenizer.decode(result.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         parsed = self.format.parse(reply, ep.obs)
         ep.parse_errors += parsed.error is not None
         ep.parse_error_streak = ep.parse_error_streak + 1 if parsed.error else 0
@@ -559,9 +560,19 @@ def check_format_template(tokenizer: Any, format_name: str, template_kwargs: dic
         ("You open the fridge. It is empty.", "take apple"),
         ('You take the apple. {"json": [1, 2]} and unicode: café ✓', "put apple in fridge"),
     ]
+    if _thinks(tokenizer, template_kwargs):
+        # a reasoning model's replies open with reasoning, which some templates (Qwen3) drop
+        # from past turns when they re-render: the check must exercise exactly that
+        turns = [(obs, f"<think>\nThe goal needs: {reply}.\n</think>\n\n{reply}") for obs, reply in turns]
     first = Observation(task="put the apple in the fridge", text=turns[0][0], choices=["open fridge", "look"])
     system = fmt.messages(first)[0]["content"]  # e.g. tool_call's system lists the tool specs
     return check_template(tokenizer, turns, system=system, prefill=fmt.prefill, template_kwargs=template_kwargs)
+
+
+def _thinks(tokenizer: Any, template_kwargs: dict | None) -> bool:
+    """Whether the chat template handles reasoning blocks and thinking is not switched off."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return "<think>" in str(template) and (template_kwargs or {}).get("enable_thinking", True) is not False
 
 
 def _role_entropy_sums(tokenizer: Any, turns: list[_Turn], prefill: str) -> dict[str, list[float]]:

@@ -41,9 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check-template", help="do per-turn token appends equal a full chat-template render?")
     p.add_argument("model", help="a model name, HF folder or hub id (its tokenizer and chat template)")
     p.add_argument("--format", default="action_tag", help="agent format whose system prompt and prefill to use")
+    p.add_argument(
+        "--template-kwarg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="chat-template argument, e.g. enable_thinking=false (as rollout.chat_template_kwargs)",
+    )
     args = parser.parse_args(argv)
     if args.command == "check-template":
-        return _check_template(args.model, args.format)
+        return _check_template(args.model, args.format, _template_kwargs(args.template_kwarg))
     if args.command == "plot":
         return _plot(args.run_dir, args.out)
     if args.command == "show-trajectory":
@@ -104,7 +111,20 @@ def expert_eval(cfg) -> dict[str, float]:
     return summary
 
 
-def _check_template(model: str, format_name: str) -> int:
+def _template_kwargs(pairs: list[str]) -> dict:
+    """`KEY=VALUE` strings to a dict, values read as YAML (false -> False, 2 -> 2)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--template-kwarg {pair!r}: expected KEY=VALUE, e.g. enable_thinking=false")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _check_template(model: str, format_name: str, template_kwargs: dict | None = None) -> int:
     """Exit 0 when appends equal the full render, 1 when they differ (the report says where)."""
     from transformers import AutoTokenizer
 
@@ -112,7 +132,7 @@ def _check_template(model: str, format_name: str) -> int:
     from agents.rollout import check_format_template
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
-    equal, report = check_format_template(tokenizer, format_name)
+    equal, report = check_format_template(tokenizer, format_name, template_kwargs)
     print(f"{model} ({format_name}): {'OK' if equal else 'MISMATCH'} - {report}")
     return 0 if equal else 1
 
