@@ -41,7 +41,7 @@ class BranchConfig:
     entropy_window: int = 20  # sampled tokens at the start of a turn that define its step entropy
     penalty: float = 0.05  # aepo: P^(l) = penalty * l, the consecutive-branch penalty
     penalty_scope: str = "group"  # aepo: group (released code) | path (paper wording)
-    premonitor: bool = False  # aepo: split the budget by H_root vs H_tool (needs a probe rollout)
+    premonitor: bool = False  # aepo: split the budget by H_root vs H_tool of one probe episode per group
     beta: float = 0.5  # aepo pre-monitoring sigmoid slope
     top_k: int = 20  # token: CURE picks uniformly among a response's top-K entropy tokens
     forks: int = 1  # token: fork points per root response (ETMR N)

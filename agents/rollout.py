@@ -31,6 +31,7 @@ from agents.brancher import (
     PathView,
     decide_turn_branches,
     initial_roots,
+    premonitor_roots,
     step_entropy,
     token_fork_points,
 )
@@ -145,7 +146,8 @@ class Rollout:
         )
         started = time.perf_counter()
         policy = self.cfg.branch.policy
-        tree = _Tree(self.cfg.branch, tasks, seed) if policy in ("arpo", "aepo") else None
+        roots = self._premonitor(tasks, params, seed, timings) if policy == "aepo" and self.cfg.branch.premonitor else None
+        tree = _Tree(self.cfg.branch, tasks, seed, roots) if policy in ("arpo", "aepo") else None
         token_tree = _TokenTree(self.cfg.branch, tasks, seed) if policy == "token" else None
         episodes = self._start(tree.roots if tree else token_tree.roots if token_tree else tasks)
         if tree:
@@ -166,6 +168,9 @@ class Rollout:
         for branching in (tree, token_tree):
             if branching:
                 metrics.update(branching.metrics(episodes))
+        if roots is not None:  # pre-monitoring's split and its cost (probe episodes are not trained)
+            metrics["branch/premonitor_roots"] = sum(roots.values()) / max(len(roots), 1)
+            metrics["branch/probe_tokens"] = float(timings["probe_tokens"])
         return RolloutResult(samples, metrics, [self._summary(ep) for ep in episodes])
 
     def _play(
@@ -235,6 +240,31 @@ class Rollout:
         live = {ep.task.group_id for ep in episodes if ep.stop_reason is None}
         tasks = tree.refill(skip=live)
         return self._start(tasks, first_id=len(episodes)) if tasks else []
+
+    def _premonitor(self, tasks: list[Task], params: SamplingParams, seed: int | None, timings: Counter) -> dict[int, int]:
+        """AEPO pre-monitoring (algorithms.md §2b): one probe episode per group, played whole and
+        not trained on; H_root = step entropy of its first turn, H_tool = the mean over all its
+        turns (the first included); the group starts m = clamp(floor(k sigmoid(beta (H_root -
+        H_tool))) + 1, 1, k) roots and keeps k - m for branches. {group_id: m}."""
+        groups: dict[int, list[Task]] = {}
+        for task in tasks:
+            groups.setdefault(task.group_id, []).append(task)
+        started = time.perf_counter()
+        probes = self._start([replace(group[0]) for group in groups.values()])
+        timings["env"] += time.perf_counter() - started
+        try:
+            self._play(probes, params, None if seed is None else seed + 7919, None, timings)
+        finally:
+            self.pool.close_many([ep.handle for ep in probes if ep.handle is not None])
+        window, roots = self.cfg.branch.entropy_window, {}
+        for (g, group), probe in zip(groups.items(), probes, strict=True):
+            steps = [step_entropy(t.result.entropies, window) for t in probe.turns]
+            if not steps:  # the probe failed at reset: no signal, the configured split
+                roots[g] = initial_roots(self.cfg.branch, len(group))
+                continue
+            roots[g] = premonitor_roots(len(group), steps[0], sum(steps) / len(steps), self.cfg.branch.beta)
+        timings["probe_tokens"] += sum(len(t.result.token_ids) for ep in probes for t in ep.turns)
+        return roots
 
     def _token_forks(self, tree: _TokenTree, episodes: list[_Episode]) -> list[_Episode]:
         """CURE/ETMR forks of the finished roots: for each fork point (turn k, token j) the
@@ -680,7 +710,7 @@ class _Tree:
     the brancher's `GroupState`, and the task template new roots are made from. Made fresh
     every run, so nothing leaks across training steps."""
 
-    def __init__(self, cfg: BranchConfig, tasks: list[Task], seed: int | None):
+    def __init__(self, cfg: BranchConfig, tasks: list[Task], seed: int | None, roots: dict[int, int] | None = None):
         self.cfg = cfg
         # With no seed (training), draw from the global RNG that checkpoints restore.
         self.rng = random.Random(seed if seed is not None else random.getrandbits(64))
@@ -691,9 +721,10 @@ class _Tree:
         self.states: dict[int, GroupState] = {}
         self.roots: list[Task] = []
         for g, group in by_group.items():
-            m = initial_roots(cfg, len(group))
+            m = roots[g] if roots is not None else initial_roots(cfg, len(group))  # pre-monitored
             self.states[g] = GroupState(budget=len(group), used=m)
             self.roots += group[:m]
+        self.premonitored = roots
         self.fork_entropies: list[float] = []  # step entropy of the turns that were forked after
         self.other_entropies: list[float] = []
 

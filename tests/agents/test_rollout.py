@@ -483,6 +483,20 @@ def test_branches_fill_the_budget_and_continue_from_the_parent(smol_tokenizer, g
         assert turns == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)]
 
 
+def test_aepo_premonitoring_probes_each_group_once(smol_tokenizer, games, walkthroughs):
+    """One probe episode per group (3 turns, not trained on); every turn has the same step
+    entropy here, so H_root = H_tool and m = floor(k sigmoid(0)) + 1 = 3 of k = 4 roots."""
+    tok = smol_tokenizer
+    cfg = BranchConfig("aepo", premonitor=True, beam=2, tau=0.0, weight=0.0)  # no branch fires
+    engine, result = run(tok, look_look_win(tok, walkthroughs), [task(games[0])] * 4, mode="step", branch=cfg)
+    # the probe plays its 3 turns alone; then the 3 roots (the policy keys on the engine call,
+    # so from call 3 on every reply wins at once), then the 4th slot as a fresh root
+    assert [len(call) for call in engine.calls] == [1, 1, 1, 3, 1]
+    m = result.metrics
+    assert m["branch/premonitor_roots"] == 3.0 and m["branch/probe_tokens"] > 0
+    assert len(result.episodes) == 4 and all(ep["parent_id"] is None for ep in result.episodes)
+
+
 def test_unused_budget_starts_new_roots(smol_tokenizer, games, walkthroughs):
     tok = smol_tokenizer
     engine, result = run(tok, look_look_win(tok, walkthroughs), [task(games[0])] * 4, mode="step", branch=NEVER)
