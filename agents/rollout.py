@@ -41,6 +41,7 @@ from agents.engines.base import InferenceEngine, SamplingParams
 from agents.parsing import final_answer, token_roles
 from agents.prompts import Observation, build_format
 from agents.rewards import compose
+from agents.rewards import prefetch as prefetch_rewards
 from agents.types import GenerationResult, Trajectory
 from environments.pool import EnvError, EnvPool
 
@@ -163,7 +164,10 @@ class Rollout:
                 self._play(episodes, params, seed, None, timings, first_round=rounds)
         finally:
             self.pool.close_many([ep.handle for ep in episodes if ep.handle is not None])
+        t_reward = time.perf_counter()
+        prefetch_rewards([self._summary(ep) for ep in episodes if ep.turns], self.cfg.rewards or DEFAULT_REWARDS)
         samples = [s for ep in episodes for s in self._samples(ep)]
+        timings["reward"] += time.perf_counter() - t_reward
         metrics = self._metrics(episodes, timings)
         for branching in (tree, token_tree):
             if branching:
@@ -570,6 +574,7 @@ class Rollout:
             "entropy/rollout_mean": entropy_sum / max(tokens, 1),
             "time/generate": timings["generate"],
             "time/env": timings["env"],
+            "time/reward": timings["reward"],
         }
         for reason, count in Counter(ep.stop_reason for ep in episodes).items():
             metrics[f"rollout/stop/{reason}"] = count / n

@@ -23,6 +23,10 @@ from environments.sandbox import TimeoutPool
 _INTEGER = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+|[-+]?\d+")
 _pool: TimeoutPool | None = None
 _pool_lock = threading.Lock()
+# Verdicts of `prefetch`: a rollout checks all its episodes in one parallel batch, then each
+# reward call finds its pair here instead of a round trip to the pool (bounded: cleared when full).
+_verdicts: dict[tuple[str, str], Verdict] = {}
+_MAX_CACHED = 65536
 
 
 @dataclass(frozen=True)
@@ -45,8 +49,19 @@ def answer_of(text: str) -> str:
 
 def math_equal(pred: str, ref: str, timeout: float = 5.0) -> Verdict:
     """Whether `pred` is mathematically equal to `ref` (fractions vs decimals, LaTeX, sets,
-    intervals, ...), as math-verify decides."""
-    return math_equal_batch([(pred, ref)], timeout)[0]
+    intervals, ...), as math-verify decides (or as a `prefetch` of the pair already did)."""
+    cached = _verdicts.get((str(pred), str(ref)))
+    return cached if cached is not None else math_equal_batch([(pred, ref)], timeout)[0]
+
+
+def prefetch(pairs: Iterable[tuple[str, str]], timeout: float = 5.0) -> None:
+    """Check many (pred, ref) pairs in one parallel batch and keep the verdicts for `math_equal`."""
+    todo = list(dict.fromkeys((str(p), str(r)) for p, r in pairs if (str(p), str(r)) not in _verdicts))
+    if not todo:
+        return
+    if len(_verdicts) + len(todo) > _MAX_CACHED:
+        _verdicts.clear()
+    _verdicts.update(zip(todo, math_equal_batch(todo, timeout), strict=True))
 
 
 def math_equal_batch(pairs: Iterable[tuple[str, str]], timeout: float = 5.0) -> list[Verdict]:

@@ -76,3 +76,22 @@ def test_integers_skip_the_pool_and_the_pool_is_reused(monkeypatch):
 )
 def test_answer_of(text, answer):
     assert answer_of(text) == answer
+
+
+def test_prefetched_verdicts_are_reused_without_the_pool(monkeypatch):
+    """A rollout checks every final reply in one parallel batch (`rewards.prefetch`); each
+    episode's `math_verify` reward then finds its verdict without a pool round trip."""
+    from agents.rewards import math_verify, prefetch
+
+    summaries = [
+        {"task": {"answer": "1/2"}, "actions": ["so \\boxed{0.5}"], "won": False},
+        {"task": {"answer": "\\frac{3}{4}"}, "actions": ["\\boxed{0.7}"], "won": False},
+    ]
+    prefetch(summaries, {"math_verify": 1.0})
+
+    def no_pool():
+        raise AssertionError("the pool was asked again")
+
+    monkeypatch.setattr(verify, "_get_pool", no_pool)
+    assert [math_verify(s) for s in summaries] == [1.0, 0.0]
+    prefetch(summaries, {"success": 1.0})  # nothing to check without the math_verify term
