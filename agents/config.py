@@ -36,6 +36,10 @@ class RolloutConfig:
     # extra chat-template arguments, e.g. {enable_thinking: false} for Qwen3 (thinking off)
     chat_template_kwargs: dict = field(default_factory=dict)
     agent: str = "model"  # "expert": play each env's walkthrough() instead (no model; eval only)
+    # Inference engine: "hf" (CPU/GPU, exact entropy) or "vllm" (agents/engines/vllm.py: top-k
+    # entropy estimate, prefix caching; colocated with the learner it sleeps during the update)
+    engine: str = "hf"
+    vllm: dict = field(default_factory=dict)  # extra VLLMEngine arguments, e.g. {gpu_memory_utilization: 0.4}
     # Env pool (environments/pool.py). 0 = envs in this process: fastest for cheap envs (TextWorld),
     # no timeouts. N > 0 = N worker processes stepping in parallel: for slow or fragile simulators
     # (ALFWorld, ScienceWorld's JVMs); a worker that hangs or dies is replaced, its episodes end.

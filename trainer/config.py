@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from agents.config import RolloutConfig, SamplingConfig
+from agents.engines import ENGINES
 from trainer.off_policy import ROLLOUT_IS_MODES
 from trainer.schedules import SCHEDULES
 
@@ -412,6 +413,10 @@ def finalize(cfg: Config) -> None:
         (
             cfg.train.max_staleness >= 0,
             f"train.max_staleness={cfg.train.max_staleness}: updates of lag, >= 0",
+        ),
+        (
+            cfg.rollout.engine in ENGINES,
+            f"rollout.engine={cfg.rollout.engine!r}: use one of {', '.join(ENGINES)}",
         ),
         (
             cfg.train.wandb.mode in ("online", "offline", "disabled"),

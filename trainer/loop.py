@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from agents.engines.hf import HFEngine
+from agents.engines import make_engine
+from agents.engines.base import weight_buckets
 from agents.engines.models import resolve_model
 from agents.rollout import Rollout, RolloutResult
 from agents.tasks import TaskSampler, make_group_tasks, materialise
@@ -251,7 +252,7 @@ class Trainer:
         device = cfg.train.device
         if device == "cuda":  # one GPU per rank: the launcher's LOCAL_RANK picks it
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-        self.engine = HFEngine.from_pretrained(model_path, device=device)
+        self.engine = make_engine(cfg.rollout.engine, model_path, device, **cfg.rollout.vllm)
         self.rollout = Rollout(self.engine, self.engine.tokenizer, cfg.rollout)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(cfg.train.output_dir or f"runs/{run_name}-{stamp}")
@@ -352,7 +353,7 @@ class Trainer:
         state = self.checkpointer.load(path, self.learner, critic=self.critic)
         self.sampler.load_state_dict(state["sampler"])
         self.learner.load_state_dict_extra(state["learner"])
-        self.engine.load_weights(self.learner.named_weights())
+        self._load_learner_weights()
         self.logger.info(f"resumed from {path} (step {state['step']})")
         return int(state["step"])
 
@@ -387,9 +388,12 @@ class Trainer:
         if extra:  # after the main advantages: the extras bring their own (+1)
             self.last_samples, self.last_advantages = result.samples + extra, advantages + extra_rows
         t_adv = time.perf_counter()
+        slept = self._engine_sleep()  # colocated vLLM frees its memory for the update
         update_metrics = self._update(self.last_samples, self.last_advantages)
         if self.critic is not None:
             update_metrics.update(self.critic.update(result.samples, returns, values))
+        if slept:
+            self.engine.wake()  # weights back first, then the KV cache
         update_metrics.update(self._update_controllers())
         t_update = time.perf_counter()
         staleness = self.current_step - 1 - self._synced_step  # updates the rollout's weights lagged
@@ -408,10 +412,22 @@ class Trainer:
         )
         return _mean_over_ranks(metrics)
 
+    def _engine_sleep(self) -> bool:
+        """Put an engine with a sleep mode (vLLM on GPU) to sleep; False where there is none.
+        Level 1 keeps the weights in host memory: with train.max_staleness > 0 a step may end
+        without a sync, and the engine must wake with the weights it had."""
+        sleep = getattr(self.engine, "sleep", None)
+        return bool(sleep(level=1)) if sleep is not None else False
+
     def _sync_engine(self) -> None:
-        """The learner's weights into the rollout engine."""
-        self.engine.load_weights(self.learner.named_weights())
+        """The learner's weights into the rollout engine, one decoder layer at a time (whole
+        modules, as vLLM's fused q/k/v need; under ZeRO-3 only a layer is gathered at once)."""
+        self._load_learner_weights()
         self._synced_step = self.current_step
+
+    def _load_learner_weights(self) -> None:
+        for bucket in weight_buckets(self.learner.named_weights()):
+            self.engine.load_weights(bucket)
 
     def _update(self, samples: list[Trajectory], advantages: list[torch.Tensor]) -> dict[str, float]:
         """The policy update (none while the critic warms up)."""

@@ -6,7 +6,7 @@ exact ids they sampled (the token-exact rule in DESIGN.md).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,3 +31,30 @@ class InferenceEngine(Protocol):
     def load_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
         """Copy new policy weights in place (after a learner step)."""
         ...
+
+
+def weight_buckets(named_tensors: Iterable[tuple[str, Any]]) -> Iterator[list[tuple[str, Any]]]:
+    """Group a name-ordered weight stream into whole modules: everything before the decoder
+    layers, then one decoder layer at a time, then the rest. An engine that fuses q/k/v or
+    gate/up (vLLM) needs each layer's tensors together, and a layer at a time bounds the memory
+    a sync holds (under ZeRO-3 every tensor was gathered just for it)."""
+    bucket: list[tuple[str, Any]] = []
+    current: str | None = None
+    for name, tensor in named_tensors:
+        key = _layer_key(name)
+        if bucket and key != current:
+            yield bucket
+            bucket = []
+        bucket.append((name, tensor))
+        current = key
+    if bucket:
+        yield bucket
+
+
+def _layer_key(name: str) -> str:
+    """"model.layers.3.mlp.up_proj.weight" -> "model.layers.3"; names outside layers -> "" """
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "layers" and parts[i + 1].isdigit():
+            return ".".join(parts[: i + 2])
+    return ""
