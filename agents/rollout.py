@@ -159,7 +159,7 @@ class Rollout:
             if token_tree:  # CURE/ETMR: the finished roots fork at high-entropy tokens
                 t0 = time.perf_counter()
                 episodes += self._token_forks(token_tree, episodes)
-                episodes += self._start(token_tree.refill(), first_id=len(episodes))
+                episodes += self._start(token_tree.refill(skip=set()), first_id=len(episodes))
                 timings["env"] += time.perf_counter() - t0
                 self._play(episodes, params, seed, None, timings, first_round=rounds)
         finally:
@@ -771,7 +771,8 @@ class _Tree:
         depth = {ep.traj_id: 0 for ep in roots}
         for ep in sorted(branches, key=lambda e: e.traj_id):  # a parent has a smaller traj_id
             depth[ep.traj_id] = depth.get(ep.parent_id, 0) + 1
-        shared = sum(len(t.result.token_ids) for ep in branches for t in ep.turns[: ep.fork_turn])
+        # turns before the fork, plus a token-level branch's inherited head of its fork turn
+        shared = sum(sum(len(t.result.token_ids) for t in ep.turns[: ep.fork_turn]) + ep.fork_offset for ep in branches)
         mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
         return {
             "branch/per_group": len(branches) / groups,
@@ -786,28 +787,12 @@ class _Tree:
         }
 
 
-class _TokenTree:
+class _TokenTree(_Tree):
     """Token-level branching (CURE/ETMR) for one rollout: per group, `initial_roots` roots play
     whole episodes; then each finished root forks at `forks` token positions the brancher picks
     among its sampled tokens (`token_fork_points`), `continuations` branches each; budget left
     (a root with too few eligible tokens, a reset failure) becomes fresh roots (`refill`).
-    Made fresh every run."""
-
-    def __init__(self, cfg: BranchConfig, tasks: list[Task], seed: int | None):
-        self.cfg = cfg
-        self.rng = random.Random(seed if seed is not None else random.getrandbits(64))
-        by_group: dict[int, list[Task]] = {}
-        for task in tasks:
-            by_group.setdefault(task.group_id, []).append(task)
-        self.template = {g: group[0] for g, group in by_group.items()}
-        self.states: dict[int, GroupState] = {}
-        self.roots: list[Task] = []
-        for g, group in by_group.items():
-            m = initial_roots(cfg, len(group))
-            self.states[g] = GroupState(budget=len(group), used=m)
-            self.roots += group[:m]
-        self.fork_entropies: list[float] = []
-        self.other_entropies: list[float] = []
+    Budget, templates, refill and metrics are `_Tree`'s. Made fresh every run."""
 
     def fork_points(self, episodes: list[_Episode], eligible: Callable[[int], bool]) -> list[tuple[_Episode, int, int]]:
         """(root, turn k, token j) once per branch to make, within each group's budget."""
@@ -827,30 +812,3 @@ class _TokenTree:
                 state.used += made
                 points += [(ep, *flat[i])] * made
         return points
-
-    def refill(self) -> list[Task]:
-        """Fresh roots for the budget the forks did not use."""
-        fresh = []
-        for g, state in self.states.items():
-            fresh += [replace(self.template[g]) for _ in range(state.left)]
-            state.used = state.budget
-        return fresh
-
-    def metrics(self, episodes: list[_Episode]) -> dict[str, float]:
-        groups = max(len(self.states), 1)
-        branches = [ep for ep in episodes if ep.parent_id is not None]
-        roots = [ep for ep in episodes if ep.parent_id is None]
-        shared = sum(
-            sum(len(t.result.token_ids) for t in ep.turns[: ep.fork_turn]) + ep.fork_offset for ep in branches
-        )
-        mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
-        return {
-            "branch/per_group": len(branches) / groups,
-            "branch/max_depth": 1.0 if branches else 0.0,
-            "branch/fork_entropy": mean(self.fork_entropies),
-            "branch/other_entropy": mean(self.other_entropies),
-            "branch/budget_used": sum(s.used for s in self.states.values()) / max(sum(s.budget for s in self.states.values()), 1),
-            "branch/tokens_saved": float(shared),
-            "branch/success_root": mean([float(ep.won) for ep in roots]),
-            "branch/success_branch": mean([float(ep.won) for ep in branches]),
-        }
