@@ -40,6 +40,9 @@ class RolloutConfig:
     # entropy estimate, prefix caching; colocated with the learner it sleeps during the update)
     engine: str = "hf"
     vllm: dict = field(default_factory=dict)  # extra VLLMEngine arguments, e.g. {gpu_memory_utilization: 0.4}
+    # HF engine: KV of recent sequences kept so the next turn / a fork prefills only its new
+    # tokens (agents/engines/prefix_cache.py); 0 = off. vLLM: its own prefix caching (rollout.vllm).
+    prefix_cache_mib: int = 1024
     # Env pool (environments/pool.py). 0 = envs in this process: fastest for cheap envs (TextWorld),
     # no timeouts. N > 0 = N worker processes stepping in parallel: for slow or fragile simulators
     # (ALFWorld, ScienceWorld's JVMs); a worker that hangs or dies is replaced, its episodes end.

@@ -175,6 +175,9 @@ class Rollout:
         if roots is not None:  # pre-monitoring's split and its cost (probe episodes are not trained)
             metrics["branch/premonitor_roots"] = sum(roots.values()) / max(len(roots), 1)
             metrics["branch/probe_tokens"] = float(timings["probe_tokens"])
+        take_stats = getattr(self.engine, "take_stats", None)  # the HF engine's prefix-cache hits
+        if take_stats is not None:
+            metrics.update(take_stats())
         return RolloutResult(samples, metrics, [self._summary(ep) for ep in episodes])
 
     def _play(

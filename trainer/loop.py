@@ -252,7 +252,9 @@ class Trainer:
         device = cfg.train.device
         if device == "cuda":  # one GPU per rank: the launcher's LOCAL_RANK picks it
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-        self.engine = make_engine(cfg.rollout.engine, model_path, device, **cfg.rollout.vllm)
+        self.engine = make_engine(
+            cfg.rollout.engine, model_path, device, cfg.rollout.prefix_cache_mib, **cfg.rollout.vllm
+        )
         self.rollout = Rollout(self.engine, self.engine.tokenizer, cfg.rollout)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(cfg.train.output_dir or f"runs/{run_name}-{stamp}")

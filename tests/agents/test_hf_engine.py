@@ -196,3 +196,62 @@ def test_load_weights_replaces_the_policy(tiny_model_dir, prompts):
         torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-5, rtol=0)
     with pytest.raises(KeyError, match="no parameter 'nope'"):
         engine.load_weights([("nope", torch.zeros(1))])
+
+
+# -- prefix cache ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def uncached(engine):
+    return HFEngine(engine.model, engine.tokenizer, prefix_cache_bytes=0)
+
+
+def assert_same_results(got, want):
+    for a, b in zip(got, want, strict=True):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(a.entropies), torch.tensor(b.entropies), atol=1e-4, rtol=0)
+
+
+def test_next_turn_prefills_only_past_the_cached_reply(engine, uncached, prompts):
+    """Turn 2's prompt is turn 1's prompt + reply + an observation: only the tail past the fed
+    reply tokens (all but the last) is run, and the results equal a cold engine's."""
+    engine.reset_prefix_cache()
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=5)
+    first = engine.generate(prompts, greedy)
+    observation = engine.tokenizer(" You see a key.")["input_ids"]
+    second_turn = [p + r.token_ids + observation for p, r in zip(prompts, first, strict=True)]
+    engine.take_stats()
+    assert_same_results(engine.generate(second_turn, greedy), uncached.generate(second_turn, greedy))
+    stats = engine.take_stats()
+    assert stats["engine/prompt_tokens"] == sum(len(p) for p in second_turn)
+    assert stats["engine/cached_prompt_tokens"] == sum(len(p) + len(r.token_ids) - 1 for p, r in zip(prompts, first, strict=True))
+
+
+def test_mixed_hits_share_one_batch(engine, uncached, prompts):
+    """Rows with a full hit, a partial hit (a fork: the parent's prompt cut mid-way, then other
+    tokens), a repeated prompt and no hit at all, in one sampled batch with exact statistics."""
+    engine.reset_prefix_cache()
+    engine.generate(prompts[2:], SamplingParams(temperature=0.0, max_new_tokens=4))
+    fork = prompts[2][:6] + engine.tokenizer(" cat sat")["input_ids"]
+    extended = prompts[2] + engine.tokenizer(" And then")["input_ids"]
+    batch = [extended, fork, prompts[0], extended, prompts[1]]
+    engine.take_stats()
+    results = engine.generate(batch, SamplingParams(temperature=1.0, max_new_tokens=6, seed=5))
+    for prompt, result in zip(batch, results, strict=True):
+        token_logp, entropy, _ = reference(engine.model, prompt, result.token_ids)
+        torch.testing.assert_close(torch.tensor(result.logprobs), token_logp, atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(result.entropies), entropy, atol=1e-4, rtol=0)
+    # `extended` reuses all of prompts[2] (then parts from the cached reply) once, its repeat
+    # being deduplicated; `fork` reuses its first 6 tokens
+    assert engine.take_stats()["engine/cached_prompt_tokens"] == len(prompts[2]) + 6
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
+    assert_same_results(engine.generate(batch, greedy), uncached.generate(batch, greedy))
+
+
+def test_load_weights_empties_the_prefix_cache(tiny_model_dir, prompts):
+    engine = HFEngine.from_pretrained(str(tiny_model_dir))
+    engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=3))
+    assert len(engine.prefix_cache) == 3
+    engine.load_weights(build_tiny_llama(len(engine.tokenizer), seed=1).named_parameters())
+    assert len(engine.prefix_cache) == 0 and engine.prefix_cache.nbytes == 0
