@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("config", help="YAML file with deltas over the defaults")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=2")
         p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    p = sub.add_parser("plot", help="write PNG curves of a run (reward, entropy, KL, clipping, step time)")
-    p.add_argument("run_dir", help="a run directory holding metrics.jsonl")
-    p.add_argument("--out", default=None, help="where to write the PNGs (default RUN_DIR/plots)")
+    p = sub.add_parser("plot", help="write PNG curves of a run, or compare runs (a line per run)")
+    p.add_argument("run_dir", nargs="+", help="run directories holding metrics.jsonl (several: compare them)")
+    p.add_argument("--out", default=None, help="where to write the PNGs (default RUN_DIR/plots; required to compare)")
     p = sub.add_parser("show-trajectory", help="print a saved sample with its masks, turns and entropies")
     p.add_argument("file", help="a rollouts/step_*.jsonl file (written with train.save_rollouts=true)")
     p.add_argument("--index", type=int, default=0, help="which sample of the file")
@@ -137,11 +137,14 @@ def _check_template(model: str, format_name: str, template_kwargs: dict | None =
     return 0 if equal else 1
 
 
-def _plot(run_dir: str, out: str | None) -> int:
-    from trainer.plot import plot_run
+def _plot(run_dirs: list[str], out: str | None) -> int:
+    from trainer.plot import plot_compare, plot_run
 
+    if len(run_dirs) > 1 and out is None:
+        print("entrorl plot: comparing runs needs --out DIR (where the PNGs go)", file=sys.stderr)
+        return 2
     try:
-        written = plot_run(run_dir, out)
+        written = plot_compare(run_dirs, out) if len(run_dirs) > 1 else plot_run(run_dirs[0], out)
     except FileNotFoundError as exc:
         print(f"entrorl: {exc}", file=sys.stderr)
         return 2

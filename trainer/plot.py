@@ -1,4 +1,5 @@
-"""`entrorl plot RUN_DIR`: PNG curves from a run's metrics.jsonl.
+"""`entrorl plot RUN_DIR`: PNG curves from a run's metrics.jsonl; `entrorl plot RUN_A RUN_B ...`:
+one figure per compared metric with a line per run.
 
 The metrics file is append-only, so a resumed run may hold a step twice (logged before the kill,
 then again after the resume): the last record of each step wins, as it is the one the resumed
@@ -20,8 +21,19 @@ PANELS: list[tuple[str, str, list[str], str]] = [
     ("entropy_by_role.png", "Entropy by token role", [r"entropy/role/.+"], "nats"),
     ("kl.png", "KL to the rollout / reference policy", [r"loss/approx_kl.*", r"loss/kl.*"], "nats"),
     ("clipping.png", "Clip fractions", [r"loss/clipfrac.*", "loss/selected_frac"], "fraction"),
-    ("loss.png", "Loss terms", ["loss/total", "loss/policy", r"loss/(?!approx_kl|clipfrac|ratio|kl).+"], "loss"),
+    (
+        "loss.png",
+        "Loss terms",
+        ["loss/total", "loss/policy", r"loss/(?!approx_kl|clipfrac|ratio|kl).+"],
+        "loss",
+    ),
     ("throughput.png", "Learner throughput", ["learner/tokens_per_s"], "tokens/s"),
+]
+# Compared across runs: (file name, title, metric, y label)
+COMPARED: list[tuple[str, str, str, str]] = [
+    ("success.png", "Training-rollout success", "rollout/success", "success rate"),
+    ("entropy.png", "Rollout entropy (nats/token)", "entropy/rollout_mean", "nats"),
+    ("invalid.png", "Unparsable replies", "rollout/invalid_rate", "fraction"),
 ]
 TIME_PARTS = ["time/generate", "time/env", "time/advantage", "time/update", "time/sync"]
 
@@ -89,6 +101,37 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
             bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
         _finish(fig, ax, "Step time breakdown", "seconds", out / "step_time.png")
         written.append(out / "step_time.png")
+    return written
+
+
+def plot_compare(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
+    """Write one PNG per COMPARED metric into `out_dir`, a line per run (labelled by its folder
+    name); a metric no run logged is skipped. Return the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {}
+    for run_dir in map(Path, run_dirs):
+        if not (run_dir / "metrics.jsonl").is_file():
+            raise FileNotFoundError(
+                f"{run_dir / 'metrics.jsonl'} not found: pass run directories written by `entrorl train`"
+            )
+        runs[run_dir.name] = read_metrics(run_dir / "metrics.jsonl")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for filename, title, metric, ylabel in COMPARED:
+        lines = {name: series(steps, [re.escape(metric)]).get(metric) for name, steps in runs.items()}
+        if not any(lines.values()):
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, line in lines.items():
+            if line:
+                ax.plot(*line, marker="o" if len(line[0]) < 30 else None, markersize=3, label=name)
+        _finish(fig, ax, title, ylabel, out / filename)
+        written.append(out / filename)
     return written
 
 

@@ -40,6 +40,23 @@ def test_plot_cli_writes_pngs(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "missing")]) == 2
 
 
+def test_plot_compare_draws_a_line_per_run(tmp_path, capsys):
+    import matplotlib.image
+
+    from trainer.plot import plot_compare
+
+    for name, success in (("grpo", [0.1, 0.3]), ("epo", [0.2, 0.4, 0.5])):
+        (tmp_path / name).mkdir()
+        records = [{"step": i + 1, "rollout/success": v} for i, v in enumerate(success)]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    written = plot_compare([tmp_path / "grpo", tmp_path / "epo"], tmp_path / "cmp")
+    assert [p.name for p in written] == ["success.png"]  # no run logged entropy or invalid replies
+    assert matplotlib.image.imread(written[0]).shape[2] in (3, 4)
+    assert main(["plot", str(tmp_path / "grpo"), str(tmp_path / "epo")]) == 2  # needs --out
+    assert "needs --out" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "grpo"), str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+
+
 def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
