@@ -570,6 +570,7 @@ class Rollout:
         metrics = {
             "rollout/episodes": float(len(episodes)),
             "rollout/success": sum(ep.won for ep in episodes) / n,
+            "rollout/score": sum(ep.score for ep in episodes) / n,
             "rollout/turns": len(turns) / n,
             "rollout/invalid_rate": sum(t.parse_error is not None for t in turns) / max(len(turns), 1),
             "rollout/gen_tokens": float(tokens),

@@ -6,7 +6,9 @@
 - `eval/maj@n`: the task counts as solved when its most frequent final answer (ties: the answer
   seen first) is one a winning episode gave. Only for episodes with extractable final answers
   (math); other envs have no answers to vote on.
-- `eval/by/<key>=<value>/success`: the same success split by task metadata that the task
+- `eval/score`: the mean env score (the sum of the env's own rewards: TextWorld points,
+  ScienceWorld's 0-100 progress), where episodes report one.
+- `eval/by/<key>=<value>/success` (and `/score`): the same split by task metadata that the task
   options carry (`subject`, `level` for MATH; `task_type` for ALFWorld; `task_name` for
   ScienceWorld).
 """
@@ -33,7 +35,9 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k of one task with n samples, c of them correct."""
     if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} samples per task, got {n} (raise env.eval.samples_per_task)")
+        raise ValueError(
+            f"pass@{k} needs at least {k} samples per task, got {n} (raise env.eval.samples_per_task)"
+        )
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
@@ -54,13 +58,18 @@ def task_key(summary: dict) -> str:
     return repr(sorted((k, repr(v)) for k, v in summary.get("task", {}).items()))
 
 
-def eval_metrics(summaries: list[dict], answer_of: Callable[[dict], str | None] | None = None) -> dict[str, float]:
+def eval_metrics(
+    summaries: list[dict], answer_of: Callable[[dict], str | None] | None = None
+) -> dict[str, float]:
     """Metrics of the episodes in `summaries` (see the module doc)."""
     n = len(summaries)
     wins = sum(bool(s["won"]) for s in summaries)
     lo, hi = wilson_interval(wins, n)
     metrics = {"eval/success": wins / max(n, 1), "eval/success_lo": lo, "eval/success_hi": hi}
     metrics["eval/episodes"] = float(n)
+    scored = "score" in summaries[0] if summaries else False
+    if scored:
+        metrics["eval/score"] = sum(float(s["score"]) for s in summaries) / n
     by_task: dict[str, list[dict]] = defaultdict(list)
     for s in summaries:
         by_task[task_key(s)].append(s)
@@ -72,7 +81,9 @@ def eval_metrics(summaries: list[dict], answer_of: Callable[[dict], str | None] 
         if answer_of is not None:
             answers = {key: [answer_of(s) for s in g] for key, g in by_task.items()}
             if any(a is not None for group in answers.values() for a in group):
-                solved = [majority_correct(answers[key], [bool(s["won"]) for s in g]) for key, g in by_task.items()]
+                solved = [
+                    majority_correct(answers[key], [bool(s["won"]) for s in g]) for key, g in by_task.items()
+                ]
                 metrics[f"eval/maj@{samples}"] = sum(solved) / len(solved)
     for key in BREAKDOWN_KEYS:
         values = [s.get("task", {}).get(key) for s in summaries]
@@ -81,4 +92,6 @@ def eval_metrics(summaries: list[dict], answer_of: Callable[[dict], str | None] 
         for value in sorted({v for v in values if v is not None}, key=str):
             group = [s for s, v in zip(summaries, values, strict=True) if v == value]
             metrics[f"eval/by/{key}={value}/success"] = sum(bool(s["won"]) for s in group) / len(group)
+            if scored:
+                metrics[f"eval/by/{key}={value}/score"] = sum(float(s["score"]) for s in group) / len(group)
     return metrics

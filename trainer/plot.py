@@ -32,6 +32,7 @@ PANELS: list[tuple[str, str, list[str], str]] = [
 # Compared across runs: (file name, title, metric, y label)
 COMPARED: list[tuple[str, str, str, str]] = [
     ("success.png", "Training-rollout success", "rollout/success", "success rate"),
+    ("score.png", "Training-rollout env score", "rollout/score", "score"),
     ("entropy.png", "Rollout entropy (nats/token)", "entropy/rollout_mean", "nats"),
     ("invalid.png", "Unparsable replies", "rollout/invalid_rate", "fraction"),
 ]

@@ -33,6 +33,17 @@ def episode(task, won, answer=None, **meta):
     return {"won": won, "task": {"question": task, **meta}, "actions": [answer or ""]}
 
 
+def test_eval_score_is_the_mean_env_score_overall_and_per_task_name():
+    summaries = [
+        {**episode("a", False, task_name="find"), "score": 25.0},
+        {**episode("a", True, task_name="find"), "score": 100.0},
+        {**episode("b", False, task_name="boil"), "score": 8.0},
+    ]
+    m = eval_metrics(summaries)
+    assert m["eval/score"] == pytest.approx(133 / 3)
+    assert m["eval/by/task_name=find/score"] == 62.5 and m["eval/by/task_name=boil/score"] == 8.0
+
+
 def test_eval_metrics_pass_maj_and_breakdown():
     summaries = [
         episode("q1", True, "4", subject="algebra"), episode("q1", False, "5", subject="algebra"),
@@ -47,5 +58,6 @@ def test_eval_metrics_pass_maj_and_breakdown():
     assert m["eval/maj@3"] == 0.0  # both majorities (5, 1) are wrong
     assert m["eval/by/subject=algebra/success"] == pytest.approx(1 / 3)
     assert m["eval/by/subject=geometry/success"] == pytest.approx(1 / 3)
+    assert "eval/score" not in m  # these summaries report no score
     single = eval_metrics(summaries[:1])
     assert "eval/pass@1" not in single and not any(k.startswith("eval/by/") for k in single)
