@@ -253,7 +253,7 @@ class Trainer:
         if device == "cuda":  # one GPU per rank: the launcher's LOCAL_RANK picks it
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         self.engine = make_engine(
-            cfg.rollout.engine, model_path, device, cfg.rollout.prefix_cache_mib, **cfg.rollout.vllm
+            cfg.rollout.engine, model_path, device, prefix_cache_mib=cfg.rollout.prefix_cache_mib, **cfg.rollout.vllm
         )
         self.rollout = Rollout(self.engine, self.engine.tokenizer, cfg.rollout)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
