@@ -67,7 +67,7 @@ def eval_metrics(
     lo, hi = wilson_interval(wins, n)
     metrics = {"eval/success": wins / max(n, 1), "eval/success_lo": lo, "eval/success_hi": hi}
     metrics["eval/episodes"] = float(n)
-    scored = "score" in summaries[0] if summaries else False
+    scored = bool(summaries) and "score" in summaries[0]
     if scored:
         metrics["eval/score"] = sum(float(s["score"]) for s in summaries) / n
     by_task: dict[str, list[dict]] = defaultdict(list)

@@ -85,10 +85,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         lines = series(steps, patterns)
         if not lines:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for name, (x, y) in lines.items():
-            ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=name)
-        _finish(fig, ax, title, ylabel, out / filename)
+        _line_figure(lines, title, ylabel, out / filename)
         written.append(out / filename)
     parts = series(steps, TIME_PARTS)
     if parts:
@@ -108,11 +105,6 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
 def plot_compare(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
     """Write one PNG per COMPARED metric into `out_dir`, a line per run (labelled by its folder
     name); a metric no run logged is skipped. Return the paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = {}
     for run_dir in map(Path, run_dirs):
         if not (run_dir / "metrics.jsonl").is_file():
@@ -125,15 +117,24 @@ def plot_compare(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
     written = []
     for filename, title, metric, ylabel in COMPARED:
         lines = {name: series(steps, [re.escape(metric)]).get(metric) for name, steps in runs.items()}
-        if not any(lines.values()):
+        lines = {name: line for name, line in lines.items() if line}
+        if not lines:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for name, line in lines.items():
-            if line:
-                ax.plot(*line, marker="o" if len(line[0]) < 30 else None, markersize=3, label=name)
-        _finish(fig, ax, title, ylabel, out / filename)
+        _line_figure(lines, title, ylabel, out / filename)
         written.append(out / filename)
     return written
+
+
+def _line_figure(lines: dict[str, tuple[list, list]], title: str, ylabel: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, (x, y) in lines.items():
+        ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=name)
+    _finish(fig, ax, title, ylabel, path)
 
 
 def _finish(fig, ax, title: str, ylabel: str, path: Path) -> None:

@@ -2,8 +2,9 @@
 
 One `generate` call left-pads every prompt into one batch, prefills once, then decodes token by
 token. A prefix cache (prefix_cache.py) keeps the KV of recent sequences, so the next turn of an
-episode, or a fork of it, prefills only the tokens past what was already encoded. We sample ourselves (instead of `model.generate`) so that the logprob and the exact entropy
-of the distribution each token was drawn from come out of the same softmax that drew it.
+episode, or a fork of it, prefills only the tokens past what was already encoded. We sample
+ourselves (instead of `model.generate`) so that the logprob and the exact entropy of the
+distribution each token was drawn from come out of the same softmax that drew it.
 """
 
 from __future__ import annotations
@@ -128,10 +129,10 @@ class HFEngine:
         )
         if width == 0:
             return None, rest_ids, rest_mask
-        layers, _, heads, _, head_dim = next(kv.shape for _, kv in hits if kv is not None)
-        dtype = next(kv.dtype for _, kv in hits if kv is not None)
+        some_kv = next(kv for _, kv in hits if kv is not None)
+        layers, _, heads, _, head_dim = some_kv.shape
         kv_past = torch.zeros(
-            layers, 2, len(prompts), heads, width, head_dim, dtype=dtype, device=self.device
+            layers, 2, len(prompts), heads, width, head_dim, dtype=some_kv.dtype, device=self.device
         )
         past_mask = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
         for row, (n, kv) in enumerate(hits):
@@ -162,15 +163,12 @@ class HFEngine:
             self.prefix_cache = None  # sliding-window or other special caches: not handled, off
             return
         filled = attention_mask[:, : past.get_seq_length()].bool()
+        keys = torch.stack([layer.keys for layer in layers])  # [layers, batch, heads, seq, head_dim]
+        values = torch.stack([layer.values for layer in layers])
         for row, prompt in enumerate(prompts):
             tokens = list(prompt) + out_ids[row][:-1]
             positions = filled[row].nonzero().flatten()[: len(tokens)]
-            kv = torch.stack(
-                [
-                    torch.stack([layer.keys[row][:, positions], layer.values[row][:, positions]])
-                    for layer in layers
-                ]
-            )
+            kv = torch.stack([keys[:, row, :, positions], values[:, row, :, positions]], dim=1)
             self.prefix_cache.store(tokens, kv)
 
     def _hit_stop(self, ids: list[int], stops: list[str]) -> bool:
