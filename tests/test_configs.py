@@ -95,6 +95,19 @@ def test_defaults_compose_files_in_order(tmp_path):
     assert [r.name for r in cfg.algo.regularizers] == ["epo", "kl"]
 
 
+def test_a_layer_naming_another_estimator_replaces_its_params(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("# base\nalgo: {advantage: {name: grpo, params: {norm_by_std: false}}}\n")
+    gigpo = (ROOT / "configs" / "algo" / "gigpo.yaml").as_posix()
+    (tmp_path / "x.yaml").write_text(f"# x\ndefaults: [base.yaml, {gigpo}]\n")
+    # a plain merge would hand gigpo grpo's norm_by_std and fail on it
+    assert load(tmp_path / "x.yaml").algo.advantage.params == {"step_weight": 1.0, "gamma": 0.95, "mode": "mean_norm"}
+    # the same name keeps merging: an override edits one param of the base's
+    assert load(base, ["algo.advantage.params.eps=0.1"]).algo.advantage.params == {"norm_by_std": False, "eps": 0.1}
+    renamed = load(base, ["algo.advantage.name=rloo"]).algo.advantage
+    assert (renamed.name, renamed.params) == ("rloo", {})
+
+
 def test_defaults_errors_name_the_file(tmp_path):
     (tmp_path / "a.yaml").write_text("defaults: [b.yaml]\n")
     (tmp_path / "b.yaml").write_text("defaults: [a.yaml]\n")

@@ -280,7 +280,7 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
         if path is not None:
             layers += _file_layers(Path(path), ())
         layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged: DictConfig = OmegaConf.merge(*layers)
+        merged = _merge_layers(layers)
         cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
@@ -289,6 +289,24 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
         raise ConfigError(str(exc)) from None
     finalize(cfg)
     return cfg
+
+
+NAMED_PARTS = ("advantage", "loss", "token_weights")  # algo.<part> = {name, params}
+
+
+def _merge_layers(layers: list[DictConfig]) -> DictConfig:
+    """Merge left to right, except that a layer naming a different algo part (say gigpo over a
+    base's grpo) replaces that part's params instead of adding to them: the old estimator's
+    params mean nothing to the new one, and a merge cannot delete keys."""
+    merged = layers[0]
+    for layer in layers[1:]:
+        algo = layer.get("algo")
+        for part in NAMED_PARTS if isinstance(algo, DictConfig) else ():
+            named = algo.get(part)
+            if isinstance(named, DictConfig) and "name" in named and named.name != merged.algo[part].name:
+                merged.algo[part].params = {}
+        merged = OmegaConf.merge(merged, layer)
+    return merged
 
 
 def _file_layers(path: Path, seen: tuple[Path, ...]) -> list[DictConfig]:
