@@ -6,9 +6,11 @@ and models are random, a few hundred thousand parameters, built from a config he
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -17,6 +19,15 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # system's share one build cache and each rebuilds what the other built (~2 min). Pin the venv's.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 TEST_CACHE = Path(os.environ.get("ENTRORL_TEST_CACHE", Path.home() / ".cache" / "entrorl-test"))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py as a module (scripts are not a package), for testing its pure parts."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def pytest_configure(config):

@@ -3,16 +3,13 @@ step summary and the comparison table (no TRL install, no model)."""
 
 from __future__ import annotations
 
-import importlib.util
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "scripts" / "bench_vs_trl.py"
-_spec = importlib.util.spec_from_file_location("bench_vs_trl", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+from tests.conftest import load_script
+
+bench = load_script("bench_vs_trl")
 
 
 @pytest.mark.parametrize(

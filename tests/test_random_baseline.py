@@ -4,24 +4,18 @@ its reward bookkeeping, its turn cap, and a clear error when the env lists no va
 Run: .venv/bin/python -m pytest tests/test_random_baseline.py -q
 """
 
-import importlib.util
 import random
-from pathlib import Path
 
 import pytest
 
 from environments import make
 from environments.textworld_env import ensure_games
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def baseline():
-    spec = importlib.util.spec_from_file_location("random_baseline", ROOT / "scripts" / "random_baseline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("random_baseline")
 
 
 class Walkthrough(random.Random):

@@ -5,21 +5,16 @@ growing RSS, leaking fds or processes, and slowing steps. The soak itself is a 3
 Run: .venv/bin/python -m pytest tests/test_soak.py -q
 """
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def soak():
-    spec = importlib.util.spec_from_file_location("soak", ROOT / "scripts" / "soak.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("soak")
 
 
 def records(n=200, rss=lambda i: 500.0, fds=lambda i: 34, children=lambda i: 4, step_s=lambda i: 1.0):
