@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from trainer.learner.deepspeed import shm_buffer_path
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -23,11 +25,12 @@ def free_port() -> int:
 
 @pytest.mark.distributed
 def test_launch_script_trains_on_two_cpu_ranks(number_model_dir, game_cache, tmp_path):
+    port = free_port()
     env = {
         **os.environ,
         "ENTRORL_CACHE": str(game_cache),
         "NUM_GPUS": "2",
-        "MASTER_PORT": str(free_port()),
+        "MASTER_PORT": str(port),
         "DS_ACCELERATOR": "cpu",
         "OMP_NUM_THREADS": "1",
     }
@@ -56,3 +59,6 @@ def test_launch_script_trains_on_two_cpu_ranks(number_model_dir, game_cache, tmp
     assert train[0]["rollout/episodes"] == 2.0  # one task x group 2 on each rank (mean over ranks)
     evals = [r for r in records if "eval/episodes" in r]
     assert evals and evals[-1]["eval/episodes"] == 2.0  # 2 eval games split over the ranks, summed
+    # DeepSpeed's CPU all-reduce made a 66 MB /dev/shm file per rank; the ranks unlinked them
+    left = [shm_buffer_path(rank, "127.0.0.1", str(port)) for rank in range(2)]
+    assert not [path for path in left if path.exists()], "DeepSpeed's shm buffers were left in /dev/shm"

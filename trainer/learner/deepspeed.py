@@ -139,6 +139,24 @@ def init_distributed() -> None:
         os.environ["MASTER_PORT"] = str(_free_port())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if backend == "gloo":
+        _unlink_shm_buffer()
+
+
+def shm_buffer_path(rank: int, addr: str, port: str) -> Path:
+    """The /dev/shm file DeepSpeed's CPU all-reduce maps for `rank` (ops/csrc/cpu/comm/shm.cpp)."""
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_shm_buffer() -> None:
+    """DeepSpeed's CPU all-reduce creates one 66 MB /dev/shm file per rank and never unlinks it,
+    so every multi-rank CPU run, ended or killed, leaves them in RAM. init returns only once this
+    rank has mapped every peer's file; after a barrier all have, and each rank removes its own
+    name (the mappings live on): a run then leaves nothing behind, even when killed."""
+    dist.barrier()
+    shm_buffer_path(dist.get_rank(), os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]).unlink(
+        missing_ok=True
+    )
 
 
 def ds_config(cfg: Config) -> dict:
