@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from agents.types import Trajectory
 
@@ -53,6 +54,49 @@ def fixed_batch(n_groups: int = 3, group_size: int = 2, seed: int = 0, zero_grou
             )
             advantages.append(torch.tensor(loss_mask, dtype=torch.float) * sign)
     return samples, advantages
+
+
+class GradientRecorder:
+    """The gradients each optimizer step applies, captured just before the step.
+
+    Tests of "these two layouts give the same update" compare these, not the parameters after
+    AdamW: Adam's first step is lr * g / (|g| + eps), so a gradient entry near 0 whose sign flips
+    with the float summation order (another micro-batch split, another BLAS) moves a parameter by
+    up to 2 lr either way. Two layouts sum the same per-token terms in another order, so their
+    gradients agree to a few float32 ulps of the largest term: see `assert_same_gradients`.
+    Works under any ZeRO stage (it reads what the inner torch optimizer steps on).
+    """
+
+    def __init__(self):
+        self.steps: list[list[torch.Tensor]] = []
+        self._handle = None
+
+    def __enter__(self) -> GradientRecorder:
+        def hook(optimizer, args, kwargs):
+            grads = [p.grad.detach().clone() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            self.steps.append(grads)
+
+        self._handle = register_optimizer_step_pre_hook(hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
+def assert_same_gradients(a: GradientRecorder, b: GradientRecorder, rel: float = 1e-4) -> None:
+    """Same gradients at every optimizer step, within `rel` of each tensor's largest entry.
+
+    Both sides sum the same float32 terms (at most a few thousand per entry here) in different
+    orders; the error of such a sum is below n * 2^-24 ~ 1e-4 of the largest partial sum, so an
+    absolute tolerance of rel * max|g| (rtol the same) passes reorderings and fails a wrong term,
+    which changes entries by a sizeable fraction of the gradient.
+    """
+    assert len(a.steps) == len(b.steps) > 0, (len(a.steps), len(b.steps))
+    for k, (ga, gb) in enumerate(zip(a.steps, b.steps, strict=True)):
+        assert len(ga) == len(gb), f"step {k}: {len(ga)} vs {len(gb)} gradient tensors"
+        for i, (x, y) in enumerate(zip(ga, gb, strict=True)):
+            scale = float(x.abs().max()) or 1.0
+            torch.testing.assert_close(y, x, atol=rel * scale, rtol=rel, msg=f"step {k}, tensor {i}")
 
 
 def distributed_batch():

@@ -3,9 +3,10 @@
 Every variant starts from the same tiny random Llama and takes one update on the same batch
 (tests/trainer/learner_worker.py: 3 groups of 2 samples, advantages +1/-1, one all-zero group).
 Packed vs padded rows, shared prompts or not, one micro-batch vs many (gradient accumulation),
-and skipping zero-advantage samples must all give the same parameters. Adam's first step is
-about lr * sign(grad), so equal updates mean equal gradient directions; the pre-clip grad norm
-is compared too.
+and skipping zero-advantage samples must all give the same update: the same gradients at the
+optimizer step (`learner_worker.GradientRecorder`; not the parameters after AdamW, whose first
+step is lr * sign(grad) and flips on near-zero entries with the summation order), and the same
+pre-clip grad norm.
 
 Run: DS_ACCELERATOR=cpu .venv/bin/python -m pytest tests/trainer/test_learner.py -q
 (the first DeepSpeed learner on a machine JIT-builds its CPU comm op once, ~2 minutes).
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from tests.conftest import build_tiny_llama
-from tests.trainer.learner_worker import VOCAB, fixed_batch
+from tests.trainer.learner_worker import VOCAB, GradientRecorder, assert_same_gradients, fixed_batch
 from trainer.aggregation import aggregate
 from trainer.config import load
 from trainer.losses import POLICY_LOSSES, LossInputs
@@ -48,7 +49,8 @@ def updated(model_dir):
     def run(*overrides: str):
         if overrides not in cache:
             learner = DeepSpeedLearner(load(None, BASE + list(overrides)), model_dir)
-            metrics = learner.update(*fixed_batch())
+            with GradientRecorder() as learner.recorded_gradients:
+                metrics = learner.update(*fixed_batch())
             cache[overrides] = learner, metrics
         return cache[overrides]
 
@@ -60,10 +62,11 @@ def params_of(learner) -> dict[str, torch.Tensor]:
 
 
 def assert_same_update(a, b, initial):
-    """Same parameter step, to a small fraction of the step size (lr)."""
-    pa, pb = params_of(a), params_of(b)
-    for name, start in initial.items():
-        torch.testing.assert_close(pa[name] - start, pb[name] - start, atol=LR * 1e-3, rtol=0, msg=name)
+    """Same gradients at the optimizer step, and both learners moved every parameter."""
+    assert_same_gradients(a.recorded_gradients, b.recorded_gradients)
+    for learner in (a, b):
+        moved = [name for name, w in params_of(learner).items() if not torch.equal(w, initial[name])]
+        assert len(moved) == len(initial), f"unchanged: {set(initial) - set(moved)}"
 
 
 def response_log_softmax(model, s) -> torch.Tensor:
@@ -298,12 +301,18 @@ def test_global_batch_statistics_do_not_depend_on_the_micro_batches(updated, ini
     split = ("learner.micro_batch_tokens=1", "learner.share_prefix=false")
     one_micro, one = updated("learner.packing=false", *term, "algo.stats_scope=global")
     many_micro, many = updated(*split, *term, "algo.stats_scope=global")
-    assert many["loss/policy"] == pytest.approx(one["loss/policy"], rel=1e-4, abs=1e-7)
-    assert many["learner/grad_norm"] == pytest.approx(one["learner/grad_norm"], rel=1e-4)
-    assert_same_update(one_micro, many_micro, initial)
+    # The statistics come from a no-grad pass over each layout; its float32 entropies differ
+    # by layout in the last bits (~1e-7 relative: other matmul shapes), and the loss reads them
+    # through thresholds and, for HAPO, log H over a deviation range, which amplifies that to
+    # ~1.3e-4 (measured). Statistics taken per micro-batch instead move the gradients by 7-65 %
+    # of their largest entry on this batch (aepo, hapo, steer): rel 1e-3 tells the two apart.
+    rel = 1e-3
+    assert many["loss/policy"] == pytest.approx(one["loss/policy"], rel=rel, abs=1e-7)
+    assert many["learner/grad_norm"] == pytest.approx(one["learner/grad_norm"], rel=rel)
+    assert_same_gradients(one_micro.recorded_gradients, many_micro.recorded_gradients, rel=rel)
     # one micro-batch: global statistics are the micro-batch's own (taken in float64, hence rel)
     _, local = updated("learner.packing=false", *term)
-    assert local["loss/policy"] == pytest.approx(one["loss/policy"], rel=1e-4, abs=1e-7)
+    assert local["loss/policy"] == pytest.approx(one["loss/policy"], rel=rel, abs=1e-7)
 
 
 def test_micro_batch_scope_does_depend_on_the_micro_batches(updated):
