@@ -18,7 +18,7 @@ a `[B, T]` layout over responses (one row per sample), which is what the loss fu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -42,6 +42,25 @@ class MicroBatch:
     old_logprobs: torch.Tensor | None = None  # [B, T] pi_old recorded before the update (off-policy)
     turn_idx: torch.Tensor | None = None  # [B] step-wise samples' turns, when a loss term reads them
     reinforce_mask: torch.Tensor | None = None  # [B, T] Arbitrary-Entropy PO's extra samples' tokens
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        """This micro-batch with every tensor on `device` (the model's): one copy per micro-batch,
+        from pinned memory and asynchronous on CUDA. A no-op on the device it is already on."""
+        device = torch.device(device)
+        cuda = device.type == "cuda"
+
+        def move(t):
+            if not isinstance(t, torch.Tensor) or t.device == device:
+                return t
+            if cuda and t.device.type == "cpu":
+                t = t.pin_memory()
+            return t.to(device, non_blocking=cuda)
+
+        return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
 
     def target_hidden(self, decoder: torch.nn.Module) -> torch.Tensor:
         """[N, H] the decoder's last hidden states at the target positions (the inputs of the

@@ -19,16 +19,8 @@ from torch import Tensor
 from agents.types import Trajectory
 from trainer.batch import MicroBatch, make_micro_batch, plan_by_prompt
 from trainer.config import Config
-from trainer.learner.deepspeed import (
-    _global_counts,
-    _grad_norm,
-    _max_over_ranks,
-    _rows,
-    _split,
-    _sum_over_ranks,
-    ds_config,
-    init_distributed,
-)
+from trainer.device import max_over_ranks, resolve_device, sum_over_ranks
+from trainer.learner.deepspeed import _global_counts, _grad_norm, _rows, _split, ds_config, init_distributed
 from trainer.value import clipped_value_loss, explained_variance
 
 
@@ -63,7 +55,8 @@ class DeepSpeedCritic:
     def __init__(self, cfg: Config, model_path: str):
         import deepspeed
 
-        init_distributed()
+        self.device = resolve_device(cfg.train.device)
+        init_distributed(self.device)
         self.cfg = cfg
         model = build_value_model(cfg.critic.model or model_path, cfg.model.gradient_checkpointing)
         optimizer = torch.optim.AdamW(
@@ -79,9 +72,9 @@ class DeepSpeedCritic:
         self.engine.eval()
         out = [torch.zeros(len(s.response_ids)) for s in samples]
         micros = self._micro_batches(samples, [torch.zeros(len(s.response_ids)) for s in samples])
-        for k in range(_max_over_ranks(len(micros))):  # same forwards everywhere (ZeRO-3 gathers)
+        for k in range(max_over_ranks(len(micros))):  # same forwards everywhere (ZeRO-3 gathers)
             if k >= len(micros):
-                self.engine(_dummy_micro())
+                self.engine(_dummy_micro().to(self.device))
                 continue
             micro = micros[k]
             rows = micro.scatter(self.engine(micro))
@@ -123,7 +116,7 @@ class DeepSpeedCritic:
     ) -> None:
         num_tokens, _ = _global_counts(samples)
         micros = self._micro_batches(samples, returns)
-        n_micro = _max_over_ranks(len(micros))
+        n_micro = max_over_ranks(len(micros))
         if n_micro == 0:
             return
         world = torch.distributed.get_world_size()
@@ -149,7 +142,7 @@ class DeepSpeedCritic:
                     dtype=torch.float64,
                 )
             else:  # fewer micro-batches here: a zero loss keeps the collectives aligned
-                loss = self.engine(_dummy_micro()).sum() * 0.0
+                loss = self.engine(_dummy_micro().to(self.device)).sum() * 0.0
             # DeepSpeed averages gradients over ranks; the global token count already normalises
             self.engine.backward(loss * world)
             if k == n_micro - 1:
@@ -159,7 +152,7 @@ class DeepSpeedCritic:
                     totals["critic/nonfinite_steps"] += 1
                     continue
             self.engine.step()
-        sums = _sum_over_ranks(sums)
+        sums = sum_over_ranks(sums)
         totals["loss/critic"] += float(sums[0])
         totals["critic/clip_frac"] += float(sums[1] / max(sums[3], 1.0))
         totals["critic/values_mean"] += float(sums[2] / max(sums[3], 1.0))
@@ -172,7 +165,8 @@ class DeepSpeedCritic:
             samples, list(range(len(samples))), learner.micro_batch_tokens, learner.share_prefix
         )
         return [
-            make_micro_batch(samples, targets, idx, learner.packing, learner.share_prefix) for idx in plan
+            make_micro_batch(samples, targets, idx, learner.packing, learner.share_prefix).to(self.device)
+            for idx in plan
         ]
 
 

@@ -42,6 +42,7 @@ from trainer.aggregation import aggregate
 from trainer.batch import MicroBatch, make_micro_batch, plan_by_prompt
 from trainer.config import Config, optimizer_steps
 from trainer.controllers import Controller, make_controller
+from trainer.device import all_gather_1d, backend_for, max_over_ranks, resolve_device, sum_over_ranks
 from trainer.logprobs import Head, TokenStats, head_requires_grad, project, token_stats_from_hidden
 from trainer.losses import (
     POLICY_LOSSES,
@@ -122,8 +123,9 @@ class _Counts:
     policy_tokens: int  # tokens in the policy term's mask (= tokens without the forking mask)
 
 
-def init_distributed() -> None:
-    """Join the process group the `deepspeed` launcher describes, or make a 1-rank one."""
+def init_distributed(device: torch.device | None = None) -> None:
+    """Join the process group the `deepspeed` launcher describes, or make a 1-rank one: NCCL
+    when this rank computes on a GPU (`device`, made current first), gloo otherwise."""
     import deepspeed
 
     if dist.is_initialized():
@@ -137,7 +139,10 @@ def init_distributed() -> None:
         # Only this process joins a 1-rank group, so any free port serves; an inherited
         # MASTER_PORT (a parent process's own group) would be taken.
         os.environ["MASTER_PORT"] = str(_free_port())
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device = device or torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and DeepSpeed's engine use the current device
+    backend = backend_for(device)
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     if backend == "gloo":
         _unlink_shm_buffer()
@@ -170,7 +175,7 @@ def ds_config(cfg: Config) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if torch.cuda.is_available() and cfg.model.dtype == "bfloat16":
+    if cfg.train.device.startswith("cuda") and cfg.model.dtype == "bfloat16":
         config["bf16"] = {"enabled": True}  # bf16 compute, fp32 master weights in the optimizer
     return config
 
@@ -182,7 +187,8 @@ class DeepSpeedLearner:
 
         if cfg.learner.threads:
             torch.set_num_threads(cfg.learner.threads)
-        init_distributed()
+        self.device = resolve_device(cfg.train.device)  # every micro-batch goes here
+        init_distributed(self.device)
         self.cfg = cfg
         self._build_terms(cfg)  # before the model: a bad term fails fast
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -210,6 +216,12 @@ class DeepSpeedLearner:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg)
         )
         self.world_size = dist.get_world_size()
+        placed = next(self.engine.module.parameters()).device
+        if placed != self.device:  # DeepSpeed places the model on its accelerator's device
+            raise RuntimeError(
+                f"DeepSpeed put the model on {placed}, train.device says {self.device}: set "
+                f"DS_ACCELERATOR={'cuda' if self.device.type == 'cuda' else 'cpu'} (entrorl's CLI does)"
+            )
         wants_ref = "ref_logprobs" in self.needs or cfg.algo.kl_in_reward.coef > 0
         self.ref_model = self._build_reference(model_path) if wants_ref else None
         self.micro_batch_tokens = cfg.learner.micro_batch_tokens  # halved by an OOM retry
@@ -410,12 +422,13 @@ class DeepSpeedLearner:
         learner = self.cfg.learner
         plan = plan_by_prompt(samples, keep, self.micro_batch_tokens, learner.share_prefix)
         # Every rank must run the same number of backward passes (ZeRO hangs otherwise).
-        n_micro = _max_over_ranks(len(plan))
+        n_micro = max_over_ranks(len(plan))
         grad_norm = 0.0
         if n_micro == 0:
             return  # every advantage was zero on every rank: no gradient, no optimizer step
         micros = [
-            make_micro_batch(samples, advantages, idx, learner.packing, learner.share_prefix) for idx in plan
+            make_micro_batch(samples, advantages, idx, learner.packing, learner.share_prefix).to(self.device)
+            for idx in plan
         ]
         if old_logprobs is not None:
             for micro in micros:
@@ -432,7 +445,7 @@ class DeepSpeedLearner:
             self.engine.set_gradient_accumulation_boundary(k == n_micro - 1)
             if k < len(micros):
                 micro = micros[k]
-                traj_ids = torch.tensor([samples[i].traj_id for i in micro.sample_index])
+                traj_ids = torch.tensor([samples[i].traj_id for i in micro.sample_index], device=self.device)
                 micro.turn_idx = _turn_idx(samples, micro) if "turn_idx" in self.needs else None
                 micro.reinforce_mask = (
                     _reinforce_mask(samples, micro) if "reinforce_mask" in self.needs else None
@@ -452,7 +465,7 @@ class DeepSpeedLearner:
                     self.engine.module.zero_grad(set_to_none=True)
                     continue
             self.engine.step()  # ZeRO 1/2 skip the step themselves on a non-finite gradient norm
-        term_sums = _sum_over_ranks(term_sums)
+        term_sums = sum_over_ranks(term_sums)
         for key, value in zip(term_keys, term_sums.tolist(), strict=True):
             step_totals[key] += value
         norm = float(self.engine.get_global_grad_norm() or grad_norm)
@@ -599,13 +612,13 @@ class DeepSpeedLearner:
             samples, list(range(len(samples))), self.micro_batch_tokens, learner.share_prefix
         )
         zeros = [torch.zeros(len(s.response_ids)) for s in samples]
-        for k in range(_max_over_ranks(len(plan))):  # same forwards on every rank (ZeRO-3)
+        for k in range(max_over_ranks(len(plan))):  # same forwards on every rank (ZeRO-3)
             if k >= len(plan):
                 self._dummy_forward()
                 continue
             micro = make_micro_batch(samples, zeros, plan[k], learner.packing, learner.share_prefix)
-            stats, _ = self._token_stats(model, micro, logprobs_only=True)
-            rows = micro.scatter(stats.logprobs)
+            stats, _ = self._token_stats(model, micro.to(self.device), logprobs_only=True)
+            rows = micro.scatter(stats.logprobs.cpu())
             for r, i in enumerate(micro.sample_index):
                 out[i] = rows[r, : len(samples[i].response_ids)]
         return out
@@ -673,7 +686,7 @@ class DeepSpeedLearner:
                 n = int((micro.loss_mask > 0).sum())
                 local += max(1, math.ceil(ratio * n)) if n else 0
             return _BatchView(
-                None, int(_sum_over_ranks(torch.tensor([float(local)], dtype=torch.float64))[0])
+                None, int(sum_over_ranks(torch.tensor([float(local)], dtype=torch.float64))[0])
             )
         stat_fns = {
             k: fn for k, fn in (("loss", self.loss_stats_fn), ("weights", self.weight_stats_fn)) if fn
@@ -727,21 +740,21 @@ class DeepSpeedLearner:
         global count of selected tokens."""
         valid = [e[m.loss_mask > 0] for e, m in zip(entropies, micros, strict=True)]
         local = torch.cat(valid) if valid else torch.zeros(0)
-        everything = _all_gather_1d(local.double())
+        everything = all_gather_1d(local.double())
         if everything.numel() == 0:
             return [torch.zeros_like(m.loss_mask) for m in micros], 0
         k = max(1, math.ceil(ratio * everything.numel()))
-        threshold = torch.topk(everything, k).values[-1]
+        threshold = torch.topk(everything, k).values[-1].to(self.device)
         masks = [
             forking_token_mask(e.double(), m.loss_mask, threshold=threshold)
             for e, m in zip(entropies, micros, strict=True)
         ]
         count = sum(float(m.sum()) for m in masks)
-        return masks, int(_sum_over_ranks(torch.tensor([count], dtype=torch.float64))[0])
+        return masks, int(sum_over_ranks(torch.tensor([count], dtype=torch.float64))[0])
 
     def _dummy_micro(self) -> MicroBatch:
         sample = Trajectory([0], [0], [1], [0.0], [0.0], 0.0, 0, 0)
-        return make_micro_batch([sample], [torch.zeros(1)], [0])
+        return make_micro_batch([sample], [torch.zeros(1)], [0]).to(self.device)
 
     def _dummy_forward(self) -> torch.Tensor:
         stats, _ = self._token_stats(self.engine.module, self._dummy_micro(), logprobs_only=True)
@@ -775,7 +788,7 @@ class DeepSpeedLearner:
             + [float(num_samples)],
             dtype=torch.float64,
         )
-        values = _sum_over_ranks(values)
+        values = sum_over_ranks(values)
         if not keys:  # no micro-batch ran anywhere: nothing to update controllers with
             return {}
         n = len(keys)
@@ -850,18 +863,18 @@ def _rows(per_sample: list[torch.Tensor], micro: MicroBatch) -> torch.Tensor:
     out = torch.zeros_like(micro.loss_mask)
     for r, i in enumerate(micro.sample_index):
         row = per_sample[i][: out.shape[1]]
-        out[r, : len(row)] = row
+        out[r, : len(row)] = row.to(out.device)
     return out
 
 
 def _reinforce_mask(samples: list[Trajectory], micro: MicroBatch) -> torch.Tensor:
     """[B, T] the loss mask on rows of Arbitrary-Entropy PO's extra samples, 0 elsewhere."""
-    flags = torch.tensor([float(samples[i].reinforce) for i in micro.sample_index])
+    flags = torch.tensor([float(samples[i].reinforce) for i in micro.sample_index], device=micro.device)
     return micro.loss_mask * flags[:, None]
 
 
 def _turn_idx(samples: list[Trajectory], micro: MicroBatch) -> torch.Tensor:
-    return torch.tensor([samples[i].turn_idx or 0 for i in micro.sample_index], dtype=torch.long)
+    return torch.tensor([samples[i].turn_idx or 0 for i in micro.sample_index], dtype=torch.long, device=micro.device)
 
 
 def _all_zero(sample: Trajectory, advantage: torch.Tensor) -> bool:
@@ -896,34 +909,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _comm_device() -> torch.device:
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
-def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return values
-    out = values.to(_comm_device())
-    dist.all_reduce(out)
-    return out.cpu()
 
 
-def _all_gather_1d(values: torch.Tensor) -> torch.Tensor:
-    """Concatenation of every rank's 1-D tensor (lengths may differ), in rank order."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return values
-    device = _comm_device()
-    size = torch.tensor([values.numel()], dtype=torch.long, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    width = max(int(s) for s in sizes)
-    padded = torch.zeros(width, dtype=values.dtype, device=device)
-    padded[: values.numel()] = values.to(device)
-    parts = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[: int(n)] for part, n in zip(parts, sizes, strict=True)]).cpu()
 
 
 def _gather_tokens(parts: list[TokenBatch], with_entropy: bool) -> TokenBatch:
@@ -935,7 +924,7 @@ def _gather_tokens(parts: list[TokenBatch], with_entropy: bool) -> TokenBatch:
     fields = [local.logprobs, local.old_logprobs, local.advantages]
     if with_entropy:
         fields.append(local.entropy)
-    gathered = [_all_gather_1d(f.double()) for f in fields]
+    gathered = [all_gather_1d(f.double()) for f in fields]
     return TokenBatch(*gathered[:3], gathered[3] if with_entropy else None)
 
 
@@ -945,12 +934,12 @@ def _split(n: int, parts: int) -> list[list[int]]:
 
 
 def _global_counts(samples: list[Trajectory]) -> tuple[int, int]:
+    """(sampled tokens, sequences with any) over every rank's share of a mini-batch."""
     counts = torch.tensor(
         [sum(s.num_sampled_tokens for s in samples), sum(s.num_sampled_tokens > 0 for s in samples)],
         dtype=torch.float64,
     )
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(counts)
+    counts = sum_over_ranks(counts)
     return int(counts[0]), int(counts[1])
 
 
@@ -959,10 +948,3 @@ def _grad_norm(model: torch.nn.Module) -> float:
     grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
     return float(torch.stack(grads).norm()) if grads else 0.0
 
-
-def _max_over_ranks(value: int) -> int:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return value
-    t = torch.tensor([value], dtype=torch.long)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t)
