@@ -10,20 +10,30 @@ fails outside the main thread.
 A python worker is locked down in this order; `PythonSession.isolation` reports what held:
 
     layer                  enforced by          what it stops
-    network namespace      kernel (root/userns) all networking: the namespace has only a down `lo`
+    network namespace      kernel (root/userns) all IP networking: the namespace has only a down `lo`
+    private tmpfs          kernel (root/userns) disk filling: cwd/HOME/TMPDIR are a tmpfs of
+                                                `max_disk_mb` in a private mount namespace; what is
+                                                written there lands nowhere on the host's disk
     rlimits                kernel               memory (AS), CPU seconds of the process, file size
     RLIMIT_NPROC = 0       kernel, non-root     new processes (uid 0 is exempt, hence seccomp)
-    no capabilities        kernel (uid 0)       mount, raising hard limits, ... (uid 0 keeps its files)
+    no capabilities        kernel               mount, raising hard limits, ... (uid 0 keeps its files)
     seccomp filter         kernel (x86_64)      fork/clone/exec, signals to other processes, ptrace,
-                                                non-unix sockets, raising rlimits, namespaces, ...
+                                                every socket (unix ones too) and socketpair, raising
+                                                rlimits, namespaces, mounts, ...
     Landlock               kernel (>= 5.13)     files outside the temp dir; Python's own dirs and the
                                                 system libraries stay readable
     audit hook             Python               all of the above first, with a clear message; the
                                                 only file guard where Landlock is missing
 
+The boundary is the kernel: the audit hook is a courtesy (clear messages), not a wall. The model's
+own code can disable it (find the hook with `gc.get_objects()`, swap its `__code__`), so every
+escape it stops must also be stopped by a kernel layer above; the tests try each one that way.
+
 The worker is its own process group (killed whole on a hard timeout), runs in a private temp dir
-(cwd and HOME, removed on close) and caps its output itself. Nothing here imports project code:
-this file also runs as the worker's `__main__`.
+(cwd and HOME, removed on close) and caps its output itself. A cell that ends in a `MemoryError`
+recycles the worker: the memory it took is returned, the cell is not kept, and the next call starts
+a fresh interpreter that replays the clean cells. Nothing here imports project code: this file
+also runs as the worker's `__main__`.
 """
 
 from __future__ import annotations
@@ -57,6 +67,7 @@ class Limits:
     memory_mb: int = 1024  # RLIMIT_AS of the worker (the interpreter itself needs ~30 MB; numpy ~100)
     max_output: int = 8192  # characters of output per call; the rest is cut and the cell stopped
     max_file_mb: int = 16  # RLIMIT_FSIZE: the largest file the code may write
+    max_disk_mb: int = 64  # size of the worker's private tmpfs (its cwd): all its files together
     max_code: int = 100_000  # characters per cell
     python_guard: bool = True  # the audit hook; off only to test the kernel layers on their own
 
@@ -65,7 +76,8 @@ class Limits:
 class ExecResult:
     output: str  # printed output, then the traceback if the cell raised (as a REPL shows them)
     error: str | None = None  # one line, e.g. "TimeoutError: execution exceeded 5 s"; None if clean
-    restarted: bool = False  # the interpreter died; the next call starts a fresh one (cells replayed)
+    restarted: bool = False  # the interpreter died or was recycled (e.g. after a MemoryError); the
+    # next call starts a fresh one, which replays the clean cells
 
     def text(self) -> str:
         """Observation text: the output, and the error line where the output does not end with it."""
@@ -235,6 +247,9 @@ class PythonSession:
         if "setup_error" in reply:
             self._stop()
             return ExecResult("", f"SandboxError: {reply['setup_error']}", restarted=True)
+        if reply.get("recycle"):  # a MemoryError: what the cell took goes back with the interpreter
+            self._stop()
+            return ExecResult(str(reply.get("output", "")), reply.get("error"), restarted=True)
         if reply.get("error") is None:
             self.cells.append(code)
         return ExecResult(str(reply.get("output", "")), reply.get("error"))
@@ -370,7 +385,8 @@ def _close_workers(slots: list) -> None:
 
 # == worker side (this file runs as __main__ in the child) ========================================
 
-_CLONE_NEWNET, _CLONE_NEWUSER, _CLONE_THREAD = 0x40000000, 0x10000000, 0x00010000
+_CLONE_NEWNET, _CLONE_NEWUSER, _CLONE_NEWNS, _CLONE_THREAD = 0x40000000, 0x10000000, 0x00020000, 0x00010000
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
 _PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
 _SYSCALL_LANDLOCK_CREATE, _SYSCALL_LANDLOCK_ADD_RULE, _SYSCALL_LANDLOCK_RESTRICT = 444, 445, 446
 
@@ -396,7 +412,9 @@ def _libc():
 
 def _seccomp_filter(pid: int) -> bytes:
     """The BPF program (x86_64). Also: clone only for threads, clone3 -> ENOSYS (glibc falls back
-    to clone), kill/tkill/tgkill only at this process, socket only AF_UNIX, prlimit64 only to read."""
+    to clone), kill/tkill/tgkill only at this process, socket and socketpair -> EACCES (every
+    family: a unix socket reaches host services through a socket file, e.g. Docker's), prlimit64
+    only to read."""
     import errno
 
     def op(code, k, jt=0, jf=0):
@@ -414,7 +432,8 @@ def _seccomp_filter(pid: int) -> bytes:
     prog += [op(jeq, 435, 0, 1), op(ret, 0x00050000 | errno.ENOSYS)]
     for nr in (62, 200, 234):  # kill tkill tgkill: the first argument is the target (t)gid
         prog += [op(jeq, nr, 0, 4), op(ld, arg_lo(0)), op(jeq, pid, 0, 1), op(ret, allow), op(ret, eperm)]
-    prog += [op(jeq, 41, 0, 4), op(ld, arg_lo(0)), op(jeq, 1, 0, 1), op(ret, allow), op(ret, 0x00050000 | errno.EACCES)]  # fmt: skip
+    for nr in (41, 53):  # socket socketpair
+        prog += [op(jeq, nr, 0, 1), op(ret, 0x00050000 | errno.EACCES)]
     prog += [op(jeq, 302, 0, 6), op(ld, arg_lo(2)), op(jeq, 0, 0, 3), op(ld, arg_lo(2) + 4), op(jeq, 0, 0, 1),
              op(ret, allow), op(ret, eperm)]  # fmt: skip
     return b"".join(prog + [op(ret, allow)])
@@ -488,21 +507,61 @@ def _isolate(limits: dict, tmp: str) -> dict[str, str]:
     ]:
         resource.setrlimit(which, (value, value))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write raises OSError instead
-    root = os.geteuid() == 0
-    if libc.unshare(_CLONE_NEWNET) == 0 or (not root and libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0):
-        report["network"] = "network namespace"
-    else:
-        report["network"] = f"none (unshare: {os.strerror(ctypes.get_errno())})"
+    report.update(_namespaces(ctypes, libc, tmp, int(limits["max_disk_mb"])))
     resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
     report["processes"] = "RLIMIT_NPROC" if os.getuid() != 0 else "none (uid 0 ignores RLIMIT_NPROC)"
     libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     report["files"] = _landlock(ctypes, libc, tmp, _read_roots())
-    if root:  # stay uid 0 (the interpreter may live where nobody else can read) without any capability
-        header = struct.pack("Ii", 0x20080522, 0)
-        ok = hasattr(libc, "capset") and libc.capset(header, bytes(24)) == 0
-        report["capabilities"] = "dropped" if ok else f"kept ({os.strerror(ctypes.get_errno())})"
+    # uid 0 stays uid 0 (the interpreter may live where nobody else can read) but without any
+    # capability; a user namespace's capabilities go too
+    header = struct.pack("Ii", 0x20080522, 0)
+    ok = hasattr(libc, "capset") and libc.capset(header, bytes(24)) == 0
+    report["capabilities"] = "dropped" if ok else f"kept ({os.strerror(ctypes.get_errno())})"
     report["syscalls"] = _install_seccomp(ctypes, libc)
     return report
+
+
+def _namespaces(ctypes, libc, tmp: str, disk_mb: int) -> dict[str, str]:
+    """A network namespace, and a mount namespace in which `tmp` (the cwd) is a private tmpfs of
+    `disk_mb`. uid 0 unshares them directly; otherwise (or where that is refused) a user namespace
+    that maps only this uid and gid provides the right to. Runs before Landlock and seccomp (which
+    refuses unshare and mount)."""
+    root = os.geteuid() == 0
+    attempts = [_CLONE_NEWNET | _CLONE_NEWNS] if root else []
+    attempts += [_CLONE_NEWUSER | _CLONE_NEWNET | _CLONE_NEWNS, _CLONE_NEWUSER | _CLONE_NEWNET]
+    attempts += [_CLONE_NEWNET] if root else []
+    errors = []
+    for flags in attempts:
+        if libc.unshare(flags) == 0:
+            break
+        errors.append(os.strerror(ctypes.get_errno()))
+    else:
+        reason = f"none (unshare: {errors[-1]})"
+        return {"network": reason, "disk": reason}
+    return {"network": "network namespace", "disk": _private_tmpfs(ctypes, libc, flags, tmp, disk_mb, errors)}
+
+
+def _private_tmpfs(ctypes, libc, flags: int, tmp: str, disk_mb: int, errors: list[str]) -> str:
+    if flags & _CLONE_NEWUSER:  # map this uid/gid to themselves, or tmpfs refuses to create files
+        uid, gid = os.geteuid(), os.getegid()
+        maps = [("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"), ("gid_map", f"{gid} {gid} 1")]
+        try:
+            for name, text in maps:
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(text)
+        except OSError as exc:
+            return f"none (user namespace {name}: {exc.strerror})"
+    if not flags & _CLONE_NEWNS:
+        return f"none (mount namespace: {errors[-1]})"
+    # private first: a mount under a shared "/" would propagate to the host's namespace
+    if libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+        return f"none (private mounts: {os.strerror(ctypes.get_errno())})"
+    size = max(int(disk_mb), 1)  # size=0 would mean no limit
+    options = f"size={size}m,nr_inodes=16384,mode=0700".encode()
+    if libc.mount(b"tmpfs", os.fsencode(tmp), b"tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, options) != 0:
+        return f"none (mount tmpfs: {os.strerror(ctypes.get_errno())})"
+    os.chdir(tmp)  # the old cwd is the host's directory, now under the mount
+    return f"tmpfs {size} MB"
 
 
 _PATH_WRITE_EVENTS = frozenset({"os.mkdir", "os.rmdir", "os.remove", "os.truncate", "os.chmod", "os.chown", "os.utime", "os.rename"})  # fmt: skip
@@ -608,7 +667,7 @@ def _run_cell(code: str, namespace: dict, number: int, limits: dict, silent: boo
     filename = f"<cell {number}>"
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)  # tracebacks show lines
     out = _Capped(0 if silent else int(limits["max_output"]))
-    error = None
+    error, recycle = None, False
     signal.signal(signal.SIGALRM, _raise_timeout(f"execution exceeded {limits['timeout']:g} s"))
     signal.signal(signal.SIGPROF, _raise_timeout(f"CPU time exceeded {limits['cpu_seconds']:g} s"))
     saved = sys.stdout, sys.stderr
@@ -630,8 +689,9 @@ def _run_cell(code: str, namespace: dict, number: int, limits: dict, silent: boo
     except _OutputLimit as exc:
         error = str(exc)
     except MemoryError:
-        error = f"MemoryError: out of memory (limit {limits['memory_mb']} MB)"
+        error, recycle = f"MemoryError: out of memory (limit {limits['memory_mb']} MB)", True
     except BaseException as exc:  # noqa: BLE001 - the model's code may raise anything, SystemExit included
+        recycle = _from_memory_error(exc)
         try:  # the traceback without this file's frames (the worker loop, the guards)
             frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename != __file__]
             lines = traceback.format_exception_only(type(exc), exc)
@@ -642,10 +702,24 @@ def _run_cell(code: str, namespace: dict, number: int, limits: dict, silent: boo
             if not silent and room > 0:
                 out.parts.append("".join(lines)[-room:])
         except MemoryError:
-            error = f"MemoryError: out of memory (limit {limits['memory_mb']} MB)"
+            error, recycle = f"MemoryError: out of memory (limit {limits['memory_mb']} MB)", True
     finally:
         sys.stdout, sys.stderr = saved
-    return {"output": "" if silent else out.value(), "error": error}
+    reply = {"output": "" if silent else out.value(), "error": error}
+    if recycle:  # memory the cell took may stay taken (a half-filled list...): the host recycles us
+        reply["recycle"] = True
+    return reply
+
+
+def _from_memory_error(exc: BaseException) -> bool:
+    """Whether `exc` is, or was raised while handling, a MemoryError."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, MemoryError):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _take_stdio() -> tuple[int, int]:

@@ -4,17 +4,87 @@ Every escape the model's code might try is contained and comes back as text; the
 One interpreter serves most tests (state carries between them where noted); a few more start
 their own. Limits are small so that each containment takes at most ~2 s.
 
+The kernel is the boundary, not the audit hook: the escape tests also run with the hook first
+disabled by the model's own code (BYPASS) and with it off, and must hold either way.
+
 Run: .venv/bin/python -m pytest tests/environments/test_sandbox.py -q
 """
 
 import os
+import socket
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from environments.sandbox import ExecResult, Limits, PythonSession, TimeoutPool, run_python
 
 LIMITS = Limits(timeout=1.5, cpu_seconds=1.5, memory_mb=512, max_output=1000)
+
+# model-written code that disables the audit hook: find the hook function, give it a no-op's code
+BYPASS = """\
+import gc
+hook = next(o for o in gc.get_objects() if getattr(o, "__qualname__", "") == "_audit_hook.<locals>.hook")
+free = hook.__code__.co_freevars  # the no-op needs as many closure cells
+ns = {}
+exec("def make():\\n" + "".join(f" {v} = 0\\n" for v in free)
+     + " def hook(event, args):\\n  return (" + "".join(f"{v}, " for v in free) + ")\\n return hook", ns)
+hook.__code__ = ns["make"]().__code__
+"""
+CTYPES = "import ctypes\nctypes.CDLL(None) is not None"  # blocked by the audit hook alone
+FILL = "for n in range(32):\n    with open(f'fill{n}', 'wb') as f:\n        f.write(bytes(4 << 20))"  # 128 MB
+
+
+def _session(guard: str, **limits) -> PythonSession:
+    """guard: "on" (the audit hook), "bypassed" (on, then disabled by the model's code), "off"."""
+    limits = {"timeout": 3, "cpu_seconds": 3, "memory_mb": 256, **limits}
+    session = PythonSession(Limits(python_guard=guard != "off", **limits))
+    if guard == "bypassed":
+        assert "blocked: ctypes is disabled" in session.run(CTYPES).error
+        assert session.run(BYPASS).error is None
+        assert session.run(CTYPES).text() == "True", "the bypass did not get past the audit hook"
+    return session
+
+
+@pytest.fixture
+def host_socket(tmp_path_factory):
+    """A listening unix socket on the host; yields its path and what reached it."""
+    path = str(tmp_path_factory.mktemp("unix") / "host.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen()
+    server.settimeout(0.2)
+    received, stop = [], threading.Event()
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()  # a connection made before `stop` is still in the backlog
+            except TimeoutError:
+                if stop.is_set():
+                    return
+                continue
+            with conn:
+                conn.settimeout(2)
+                received.append(b"(connected)")
+                try:
+                    received.append(conn.recv(1024))
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    def reached() -> list[bytes]:
+        stop.set()
+        thread.join(10)
+        return received
+
+    yield path, reached
+    stop.set()
+    thread.join(10)
+    server.close()
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +161,27 @@ def test_an_endless_loop_times_out_and_state_survives(py):
 def test_huge_allocations_raise_memory_error(py):
     assert py.run("b = bytearray(10**11)").error == "MemoryError: out of memory (limit 512 MB)"
     grow = "chunks = []\nwhile True:\n    chunks.append(bytearray(10**7))"
-    assert py.run(grow).error == "MemoryError: out of memory (limit 512 MB)"
-    assert py.run("del chunks; 1 + 1").text() == "2"
+    result = py.run(grow)
+    assert result.error == "MemoryError: out of memory (limit 512 MB)", result.text()
+    assert result.restarted and grow not in py.cells  # recycled: the half-filled list is gone
+    assert py.run("'chunks' in globals(), 1 + 1").text() == "(False, 2)"
+
+
+def test_memory_taken_before_a_memory_error_is_returned():
+    session = PythonSession(Limits(timeout=5, cpu_seconds=5, memory_mb=512))
+    try:
+        first_pid = session.run("import os\nkeep = bytearray(100 << 20)\nos.getpid()").text()
+        result = session.run("chunks = []\nwhile True:\n    chunks.append(bytearray(10**7))")
+        assert result.error == "MemoryError: out of memory (limit 512 MB)"
+        assert result.restarted
+        # 100 + 300 MB fit in 512 only if the ~400 MB of chunks were given back
+        result = session.run("big = bytearray(300 << 20)\nlen(keep) >> 20, len(big) >> 20, os.getpid()")
+        assert result.error is None, result.text()
+        kept, big, pid = result.output.strip("()\n").split(", ")
+        assert (kept, big) == ("100", "300") and pid != first_pid  # a fresh interpreter, cells replayed
+        assert not any("chunks" in cell for cell in session.cells)
+    finally:
+        session.close()
 
 
 def test_huge_prints_are_cut(py):
@@ -117,16 +206,75 @@ def test_a_hang_in_c_code_is_killed_and_clean_cells_replayed():
         session.close()
 
 
-def test_kernel_layers_hold_without_the_audit_hook():
-    """With the Python-level guard off, what the kernel enforces on this machine still holds."""
-    session = PythonSession(Limits(timeout=2, cpu_seconds=2, memory_mb=256, python_guard=False))
+def test_model_code_can_disable_the_audit_hook():
+    """The threat the kernel layers are for: one cell switches the Python guard off."""
+    session = _session("on")
+    try:
+        assert "blocked: ctypes is disabled" in session.run(CTYPES).error
+        assert session.run(BYPASS).error is None
+        assert session.run(CTYPES).text() == "True"
+        assert (
+            session.run("import os; os.listdir('/')").error
+            == "PermissionError: [Errno 13] Permission denied: '/'"
+        )
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize("guard", ["on", "bypassed"])
+def test_a_host_unix_socket_is_out_of_reach(host_socket, guard):
+    path, reached = host_socket
+    session = _session(guard)
+    try:
+        connect = (
+            f"import socket\nc = socket.socket(socket.AF_UNIX)\nc.connect({path!r})\nc.sendall(b'escape')"
+        )
+        for code in (connect, "import socket\nsocket.socketpair()"):
+            result = session.run(code)
+            assert result.error is not None and result.error.startswith("PermissionError"), result.text()
+            if guard == "bypassed":
+                assert result.error == "PermissionError: [Errno 13] Permission denied"  # seccomp's answer
+    finally:
+        session.close()
+    assert reached() == []
+
+
+@pytest.mark.parametrize("guard", ["on", "bypassed"])
+def test_disk_writes_are_capped_and_land_nowhere_on_the_host(guard):
+    session = _session(guard)  # the default disk cap: 64 MB; each file stays under RLIMIT_FSIZE (16 MB)
+    try:
+        assert session.run("1").text() == "1"
+        if session.isolation.get("disk", "").startswith("none"):
+            pytest.skip(f"no private tmpfs here: {session.isolation}")
+        too_big = session.run("open('big', 'wb').write(bytes(17 << 20))")  # RLIMIT_FSIZE stays
+        assert "File too large" in too_big.error, too_big.text()
+        result = session.run(FILL)
+        assert result.error is not None and "No space left on device" in result.error, result.text()
+        inside = session.run("import os\nsum(os.path.getsize(f) for f in os.listdir('.')) >> 20").text()
+        assert 0 < int(inside) <= 64
+        host = Path(session._tmp)  # the worker's cwd as the host sees it: the tmpfs is not there
+        assert list(host.iterdir()) == [] and sum(p.stat().st_size for p in host.rglob("*")) == 0
+        assert session.isolation["disk"] == "tmpfs 64 MB"
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize("guard", ["off", "bypassed"])
+def test_kernel_layers_hold_without_the_audit_hook(host_socket, guard):
+    """With the Python-level guard off, or disabled by the model's own code, what the kernel
+    enforces on this machine still holds."""
+    path, reached = host_socket
+    session = _session(guard, timeout=2, cpu_seconds=2)
     try:
         assert session.run("1").text() == "1"
         held = session.isolation
+        unix = f"import socket; socket.socket(socket.AF_UNIX).connect({path!r})"
         checks = {
-            "syscalls": [("import os; os.fork()", "Operation not permitted"), ("import os; os.kill(1, 0)", "Operation not permitted")],
+            "syscalls": [("import os; os.fork()", "Operation not permitted"), ("import os; os.kill(1, 0)", "Operation not permitted"),
+                         (unix, "Permission denied"), ("import socket; socket.socketpair()", "Permission denied")],
             "files": [("open('/etc/hostname')", "Permission denied"), ("open('/tmp/entrorl-escape', 'w')", "Permission denied")],
             "network": [("import socket; socket.create_connection(('1.1.1.1', 80), timeout=1)", "Error")],
+            "disk": [(FILL, "No space left on device")],
         }  # fmt: skip
         ran = 0
         for layer, cases in checks.items():
@@ -141,6 +289,7 @@ def test_kernel_layers_hold_without_the_audit_hook():
     finally:
         session.close()
     assert not os.path.exists("/tmp/entrorl-escape")
+    assert reached() == []
 
 
 def test_cells_restore_state_in_a_new_session():
