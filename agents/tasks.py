@@ -125,3 +125,10 @@ def make_group_tasks(
         for g, options in enumerate(picked)
         for _ in range(group_size)
     ]
+
+
+def check_env_kwargs(env_id: str, env_kwargs: dict) -> None:
+    """Fail at startup on an env kwarg the env does not take (see environments.base.check_kwargs)."""
+    from environments.base import check_kwargs
+
+    check_kwargs(env_id, env_kwargs)

@@ -8,6 +8,7 @@ Bad actions and tool errors become observation text, never exceptions: an except
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -55,14 +56,33 @@ def registered_ids() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make(env_id: str, **kwargs: Any) -> TextEnv:
+def _entry(env_id: str) -> Callable[..., TextEnv]:
     if env_id not in _REGISTRY:
         raise KeyError(f"unknown env id {env_id!r}; registered ids: {', '.join(registered_ids())}")
     entry = _REGISTRY[env_id]
     if isinstance(entry, str):
         module_name, _, attr = entry.partition(":")
         entry = getattr(importlib.import_module(module_name), attr)
-    return entry(**kwargs)
+    return entry
+
+
+def make(env_id: str, **kwargs: Any) -> TextEnv:
+    return _entry(env_id)(**kwargs)
+
+
+def check_kwargs(env_id: str, kwargs: dict[str, Any]) -> None:
+    """Raise ValueError naming any key `make(env_id, **kwargs)` would reject, with the valid ones.
+
+    Checked once at startup: inside the env workers a bad key only ends every episode with
+    `env_error`, which reads like a policy that never wins."""
+    params = inspect.signature(_entry(env_id)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [name for name, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        keys = ", ".join(f"env.kwargs.{k}" for k in unknown)
+        raise ValueError(f"{keys}: not an argument of the {env_id!r} env; it takes {', '.join(valid)}")
 
 
 def check_env(env: TextEnv, seed: int = 0, actions: list[str] | None = None) -> None:

@@ -80,7 +80,8 @@ def test_eval_cli_reports_success(number_model_dir, game_cache, tmp_path, monkey
         torch.set_num_threads(threads)
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(summary) == {"eval/success"} and 0.0 <= summary["eval/success"] <= 1.0
+    assert set(summary) == {"eval/success", "eval/infra_failures"} and 0.0 <= summary["eval/success"] <= 1.0
+    assert summary["eval/infra_failures"] == 0.0  # episodes ended by an env/engine fault, said apart
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["eval/episodes"] == 2.0  # seeds [1, 3), one episode each
 

@@ -66,6 +66,17 @@ def fsync_tree(root: Path) -> None:
         _fsync_path(folder)
 
 
+def is_write_failure(exc: BaseException) -> bool:
+    """A failed write (full disk, quota, file size limit, ...). torch.save reports it as a
+    RuntimeError from its zip writer ("PytorchStreamWriter failed writing file", "unexpected
+    pos"), safetensors as a SafetensorError, not as the OSError underneath."""
+    if isinstance(exc, OSError):
+        return True
+    text = str(exc)
+    markers = ("PytorchStreamWriter", "inline_container", "file write failed", "unexpected pos", "No space left")
+    return type(exc).__name__ == "SafetensorError" or (isinstance(exc, RuntimeError) and any(m in text for m in markers))
+
+
 class Checkpointer:
     """Saves and finds checkpoints of one run. Every rank calls `save` and `load` (collectives)."""
 

@@ -55,20 +55,50 @@ def main(argv: list[str] | None = None) -> int:
         return _plot(args.run_dir, args.out)
     if args.command == "show-trajectory":
         return _show(args.file, args.index, args.model)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     try:
         # `agent=expert` is short for `rollout.agent=expert`
         cfg = load(args.config, [f"rollout.{o}" if o.startswith("agent=") else o for o in args.overrides])
     except (ConfigError, FileNotFoundError) as exc:
         print(f"entrorl: {exc}", file=sys.stderr)
         return 2
+    try:
+        from agents.tasks import check_env_kwargs
+
+        check_env_kwargs(cfg.env.id, cfg.env.kwargs)
+        if cfg.rollout.agent != "expert":  # the expert loads no model and uses no device
+            preflight(cfg, training=args.command == "train")
+    except (ValueError, KeyError) as exc:
+        print(f"entrorl: {exc}", file=sys.stderr)
+        return 2
+    # DeepSpeed picks its accelerator at import: the one train.device names
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.train.device.startswith("cuda") else "cpu")
     if cfg.rollout.agent == "expert":
         if args.command == "train":
             print("entrorl: agent=expert only evaluates (it plays walkthroughs); use `entrorl eval`", file=sys.stderr)
             return 2
         print(json.dumps(expert_eval(cfg)), flush=True)
         return 0
-    from trainer.loop import LearnerOutOfMemory, NonFiniteLoss, Preempted, Trainer
+    from trainer.loop import (
+        ExportFailed,
+        LearnerOutOfMemory,
+        NonFiniteLoss,
+        Preempted,
+        Trainer,
+        catch_sigterm,
+    )
+
+    if args.command == "train":
+        catch_sigterm()  # a SIGTERM while the model loads stops the run cleanly too
+
+    finished = _finished_run(cfg) if args.command == "train" else None
+    if finished is not None:  # never a second history in a finished run's folder
+        print(
+            f"entrorl: {cfg.train.output_dir} holds a finished run (summary.json): nothing to do. "
+            "Set another train.output_dir for a new run, or train.resume=never to train over it",
+            file=sys.stderr,
+        )
+        print(json.dumps(finished), flush=True)
+        return 0
 
     trainer = Trainer(cfg, run_name=Path(args.config).stem, with_learner=args.command == "train")
     if args.command == "train":
@@ -77,14 +107,51 @@ def main(argv: list[str] | None = None) -> int:
         except (NonFiniteLoss, LearnerOutOfMemory) as exc:
             print(f"entrorl: {exc}", file=sys.stderr)
             return 3
+        except ExportFailed as exc:
+            print(f"entrorl: {exc}", file=sys.stderr)
+            return 4
         except Preempted as exc:
             print(f"entrorl: {exc}", file=sys.stderr)
             return 143  # 128 + SIGTERM, as a process killed by it
     else:
-        summary = {"eval/success": trainer.evaluate(step=0)["eval/success"]}
+        metrics = trainer.evaluate(step=0)
+        summary = {k: metrics[k] for k in ("eval/success", "eval/infra_failures")}
     if trainer.rank == 0:
         print(json.dumps(summary), flush=True)
     return 0
+
+
+def preflight(cfg, training: bool = True) -> None:
+    """What this machine must have for the config, checked before any model or DeepSpeed
+    loads: the device (CUDA present, a GPU per rank) and the engine (vLLM installed, a memory
+    share that leaves the learner room). Raises ValueError naming the key and the fix."""
+    from agents.engines import check_engine
+    from trainer.device import resolve_device
+
+    _check_model_path(cfg.model.name)
+    device = str(resolve_device(cfg.train.device))
+    check_engine(cfg.rollout.engine, device, dict(cfg.rollout.vllm), colocated=training)
+
+
+def _finished_run(cfg) -> dict | None:
+    """The summary of a finished run in train.output_dir, which a restart must not train again."""
+    summary = Path(cfg.train.output_dir) / "summary.json" if cfg.train.output_dir else None
+    if summary is None or cfg.train.resume == "never" or not summary.is_file():
+        return None
+    return json.loads(summary.read_text())
+
+
+def _check_model_path(name: str) -> None:
+    """A model.name written as a path (/..., ./..., ~/..., or a/b/c) must be a folder here; a
+    hub id (org/name) or the embedded model's name is resolved later."""
+    from agents.engines.models import DEFAULT_MODEL, EMBEDDED_MODELS
+
+    looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1
+    if name.lower() not in EMBEDDED_MODELS and looks_like_path and not Path(name).expanduser().is_dir():
+        raise ValueError(
+            f"model.name={name}: no such folder; give a local HF model folder (config.json + weights), "
+            f"a hub id (org/name) where a hub is reachable, or {DEFAULT_MODEL} (the embedded default)"
+        )
 
 
 def expert_eval(cfg) -> dict[str, float]:
@@ -169,12 +236,6 @@ def _show(file: str, index: int, model: str | None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     print(render(sample, lambda ids: tokenizer.decode(ids, skip_special_tokens=False)))
     return 0
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -225,6 +226,9 @@ class TrainConfig:
     eval_before: bool = True
     eval_after: bool = True
     eval_every: int = 0  # 0 = only before/after
+    # leave episodes ended by env_error / engine_error / timeout (and their branches) out of the
+    # update: their reward is a fault's, not the policy's. Counted as rollout/excluded_episodes.
+    exclude_infra_failures: bool = True
     eval_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0))
     output_dir: str = ""  # "" = runs/<config name>-<timestamp>
     save_model: bool = True  # write the trained policy as a plain HF folder: <output_dir>/model
@@ -315,7 +319,10 @@ def _file_layers(path: Path, seen: tuple[Path, ...]) -> list[DictConfig]:
     if path in seen:
         chain = " -> ".join(str(p) for p in (*seen, path))
         raise ConfigError(f"`defaults:` cycle: {chain}")
-    node = OmegaConf.load(path)
+    try:
+        node = OmegaConf.load(path)
+    except yaml.YAMLError as exc:  # the message carries the line and column
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: a config file must be a mapping of sections, got a list")
     layers: list[DictConfig] = []
@@ -406,8 +413,19 @@ def finalize(cfg: Config) -> None:
             cfg.rollout.max_new_tokens < cfg.rollout.max_context,
             "rollout.max_new_tokens must be smaller than rollout.max_context",
         ),
-        (len(cfg.env.train.seeds) == 2, "env.train.seeds must be a [start, stop) pair"),
-        (len(cfg.env.eval.seeds) == 2, "env.eval.seeds must be a [start, stop) pair"),
+        (cfg.train.steps >= 1, f"train.steps={cfg.train.steps}: RL steps to run, >= 1"),
+        (cfg.rollout.max_turns >= 1, f"rollout.max_turns={cfg.rollout.max_turns}: model turns per episode, >= 1"),
+        (
+            cfg.rollout.max_new_tokens >= 1,
+            f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}: tokens per reply, >= 1",
+        ),
+        *(
+            (
+                len(seeds) == 2 and seeds[0] < seeds[1],
+                f"env.{name}.seeds={list(seeds)}: a non-empty [start, stop) range of task seeds, e.g. [0, 100]",
+            )
+            for name, seeds in (("train", cfg.env.train.seeds), ("eval", cfg.env.eval.seeds))
+        ),
         (
             0.0 <= cfg.algo.forking_tokens <= 1.0,
             f"algo.forking_tokens={cfg.algo.forking_tokens}: a fraction in [0, 1] (0.2 = the 80/20 rule, 0 = off)",

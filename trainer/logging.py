@@ -3,6 +3,7 @@ TensorBoard and Weights & Biases when asked for."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -45,6 +46,9 @@ class RunLogger:
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
+        self._pending: list[str] = []  # lines a failed write (full disk) left to write next time
+        if enabled:
+            _drop_partial_line(self.path)
         self.board = _summary_writer(self.run_dir / "tensorboard") if enabled and tensorboard else None
         self.wandb = _wandb_run(self.run_dir, wandb, config) if enabled and wandb is not None and wandb.project else None
 
@@ -52,10 +56,8 @@ class RunLogger:
         if not self.enabled:
             return
         record = {"step": step, "time": time.time(), **metrics}
-        with open(self.path, "a") as f:  # append-only: a killed run never truncates history
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self._pending.append(json.dumps(record) + "\n")
+        self._write_pending()
         if self.board is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -67,14 +69,81 @@ class RunLogger:
         where = f"step {step}/{total_steps}" if total_steps else f"step {step}"
         self.console.print(f"[bold]{where}[/bold]  " + "  ".join(shown))
 
+    def _write_pending(self) -> None:
+        """Append the pending lines whole or not at all: a write cut by a full disk is truncated
+        away (a partial line would swallow the next record) and retried with the next record."""
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with open(self.path, "a") as f:  # append-only: a killed run never truncates history
+                f.write("".join(self._pending))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, size)
+            self.console.print(
+                f"[red]metrics.jsonl: could not write {len(self._pending)} record(s) ({exc}); kept in "
+                f"memory and written with the next one. {disk_hint(self.path, exc)}[/red]",
+                soft_wrap=True,
+            )
+            return
+        self._pending.clear()
+
+    def discard_after(self, step: int) -> int:
+        """Move the records of steps after `step` (work a resumed run plays again) into
+        metrics.discarded.jsonl, so the history holds each step once; returns how many moved.
+        `step` 0: a fresh start in a folder with an earlier history moves all of it."""
+        if not self.enabled or not self.path.exists():
+            return 0
+        kept, moved = [], []
+        for line in self.path.read_text().splitlines(keepends=True):
+            (moved if json.loads(line)["step"] > step or step == 0 else kept).append(line)
+        if moved:
+            with open(self.run_dir / "metrics.discarded.jsonl", "a") as f:
+                f.writelines(moved)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp = self.path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
+        return len(moved)
+
     def info(self, message: str) -> None:
         if self.enabled:
-            self.console.print(message)
+            self.console.print(message, soft_wrap=True)  # one line: paths stay whole
 
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a last line without its newline (a write cut by a kill or a full disk)."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        os.truncate(path, data.rfind(b"\n") + 1)
+
+
+def disk_hint(path: Path, exc: BaseException) -> str:
+    """What to do about a failed write under `path`, with the free space there now."""
+    import errno
+    import shutil
+
+    try:
+        free = shutil.disk_usage(path if path.is_dir() else path.parent).free / 2**20
+    except OSError:
+        return "Check the disk of train.output_dir."
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < 64:
+        cause = "The disk is full"
+    else:  # torch's and safetensors' writers do not pass the errno on
+        cause = "A full disk (or quota) is the usual cause"
+    return (
+        f"{cause}: {free:.0f} MB free under {path} now (partial files removed); free space or set "
+        "train.output_dir to a disk with room."
+    )
 
 
 def _wandb_run(run_dir: Path, cfg: Any, config: dict | None):

@@ -31,7 +31,7 @@ from agents.tasks import TaskSampler, make_group_tasks, materialise
 from agents.types import Trajectory
 from trainer.advantages import ADVANTAGES, AdvantageInputs
 from trainer.batch import response_tensors
-from trainer.checkpoint import Checkpointer, fsync_tree
+from trainer.checkpoint import Checkpointer, fsync_tree, is_write_failure
 from trainer.config import (
     Config,
     NamedConfig,
@@ -41,10 +41,11 @@ from trainer.config import (
     task_level,
     to_yaml,
 )
+from trainer.device import any_rank, resolve_device
 from trainer.evaluation import eval_metrics
-from trainer.logging import RunLogger
+from trainer.logging import RunLogger, disk_hint
 from trainer.regularizers import kl_in_reward
-from trainer.sampling import filter_groups, overlong_penalty
+from trainer.sampling import INFRA_FAILURES, filter_groups, infra_failed_episodes, overlong_penalty
 
 
 def seed_everything(seed: int) -> None:
@@ -212,19 +213,46 @@ class Preempted(RuntimeError):
     """SIGTERM (a scheduler's preemption): the run stopped after a step, with a checkpoint."""
 
 
+class ExportFailed(RuntimeError):
+    """The final model could not be written (full disk); the message says what a restart does."""
+
+
+class _SigtermFlag:
+    """The SIGTERM handler: it only records the signal (the phase in progress finishes, then
+    the run checkpoints and stops). Installed by the CLI before the model loads, so a SIGTERM
+    while the Trainer is built is kept too, and by `train()` where the CLI did not."""
+
+    def __init__(self, previous) -> None:
+        self.event = threading.Event()
+        self.previous = previous  # the handler to put back when the run ends
+
+    def __call__(self, signum, frame) -> None:
+        self.event.set()
+
+
+def catch_sigterm() -> _SigtermFlag | None:
+    """Record SIGTERM from now on (main thread only: None elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    current = signal.getsignal(signal.SIGTERM)
+    if isinstance(current, _SigtermFlag):
+        return current
+    handler = _SigtermFlag(current)
+    signal.signal(signal.SIGTERM, handler)
+    return handler
+
+
 @contextlib.contextmanager
 def _sigterm_flag():
-    """An Event set by SIGTERM while the block runs (the handler only records it: the step in
-    progress finishes, then the loop checkpoints and stops). Outside the main thread, a no-op."""
-    flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
+    """The SIGTERM Event of one run; the handler is removed when the run ends."""
+    handler = catch_sigterm()
+    if handler is None:
+        yield threading.Event()
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
     try:
-        yield flag
+        yield handler.event
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, handler.previous)
 
 
 class LearnerOutOfMemory(RuntimeError):
@@ -249,11 +277,18 @@ class Trainer:
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         check_world(cfg, self.world)
         seed_everything(cfg.train.seed + 1000 * self.rank)  # ranks sample different episodes
-        device = cfg.train.device
-        if device == "cuda":  # one GPU per rank: the launcher's LOCAL_RANK picks it
-            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        device = str(resolve_device(cfg.train.device))  # the learner's: cuda:LOCAL_RANK on GPUs
+        # vLLM reseeds Python's, NumPy's and torch's global RNGs with its `seed` and samples
+        # unseeded requests from it: the rank's seed keeps the ranks' streams apart, as above
+        vllm_args = {"seed": cfg.train.seed + 1000 * self.rank, **cfg.rollout.vllm}
         self.engine = make_engine(
-            cfg.rollout.engine, model_path, device, prefix_cache_mib=cfg.rollout.prefix_cache_mib, **cfg.rollout.vllm
+            cfg.rollout.engine,
+            model_path,
+            device,
+            prefix_cache_mib=cfg.rollout.prefix_cache_mib,
+            # the learner's compute dtype (DeepSpeed bf16 on GPU); fp32 on CPU, as the learner there
+            dtype=cfg.model.dtype if device.startswith("cuda") else "float32",
+            **vllm_args,
         )
         self.rollout = Rollout(self.engine, self.engine.tokenizer, cfg.rollout)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -272,35 +307,49 @@ class Trainer:
         self.sampler = TaskSampler(list(range(*cfg.env.train.seeds)), cfg.train.seed)
         self.checkpointer = Checkpointer(self.run_dir, cfg.train.keep_checkpoints)
         # Last: a resume restores the RNG states, which everything above has consumed.
+        self.summary: dict[str, float] = {}  # run-level results so far (checkpointed)
         self.start_step = self._resume() if with_learner else 0
+        if with_learner:
+            self._start_history()
         self.current_step = self.start_step  # the RL step in progress (1-based once training)
         self._synced_step = self.start_step  # the engine holds the weights after this step
 
     def train(self) -> dict[str, float]:
+        """Evaluate, train, evaluate, export. A SIGTERM at any point (a scheduler's preemption)
+        lets the phase in progress finish, then stops with a checkpoint that a restart resumes."""
         cfg = self.cfg
-        summary: dict[str, float] = {}
-        if cfg.train.eval_before and self.start_step == 0:
-            summary["eval/success_before"] = self.evaluate(step=0)["eval/success"]
+        summary = self.summary
         nonfinite = 0  # consecutive steps whose update was skipped for a NaN/inf loss
         with _sigterm_flag() as sigterm:
+            if any_rank(sigterm.is_set()):  # while the model loaded: nothing new to save
+                raise Preempted("SIGTERM before training started: run the same command again")
+            if cfg.train.eval_before and self.start_step == 0:
+                summary["eval/success_before"] = self.evaluate(step=0)["eval/success"]
+                if any_rank(sigterm.is_set()):
+                    raise Preempted("SIGTERM during the first evaluation, before any training: run the same command again")
             for step in range(self.start_step + 1, cfg.train.steps + 1):
                 nonfinite = self._train_step(step, nonfinite)
-                if _any_rank(sigterm.is_set(), self.world):  # every rank stops after the same step
-                    latest = self.checkpointer.latest()
-                    if latest is None or latest.name != f"step_{step:08d}":  # not saved by _train_step
-                        self._checkpoint(step, force=True)
-                    raise Preempted(
-                        f"SIGTERM: stopped after step {step} with a checkpoint in {self.checkpointer.root}; "
-                        "run the same command (same train.output_dir) to resume"
-                    )
-        if cfg.train.eval_after:
-            summary["eval/success_after"] = self.evaluate(step=cfg.train.steps)["eval/success"]
-        summary["train/steps"] = float(cfg.train.steps)
-        if cfg.train.save_model:
-            self._export(self.run_dir / "model")
-        self._write_summary(summary)
+                if any_rank(sigterm.is_set()):  # every rank stops after the same step
+                    self._stop_on_sigterm(step)
+            if cfg.train.eval_after and "eval/success_after" not in summary:  # not done before a resume
+                summary["eval/success_after"] = self.evaluate(step=cfg.train.steps)["eval/success"]
+                if any_rank(sigterm.is_set()):
+                    self._stop_on_sigterm(cfg.train.steps, "during the final evaluation")
+            summary["train/steps"] = float(cfg.train.steps)
+            if cfg.train.save_model:  # a SIGTERM now lets the export finish: the run is done after it
+                self._export(self.run_dir / "model")
+        self._write_summary(summary)  # last: summary.json marks a finished run
         self.logger.close()
         return summary
+
+    def _stop_on_sigterm(self, step: int, where: str = "") -> None:
+        latest = self.checkpointer.latest()
+        if latest is None or latest.name != f"step_{step:08d}":  # not saved by _train_step
+            self._checkpoint(step, force=True)
+        raise Preempted(
+            f"SIGTERM: stopped after step {step}{' ' + where if where else ''} with a checkpoint in "
+            f"{self.checkpointer.root}; run the same command (same train.output_dir) to resume"
+        )
 
     def _train_step(self, step: int, nonfinite: int) -> int:
         """One RL step with its logging, NaN accounting, eval and checkpoint; returns the count
@@ -332,11 +381,22 @@ class Trainer:
         every, last = self.cfg.train.save_every, self.cfg.train.steps
         if not force and (not every or (step % every and step != last)):
             return False
-        state = {"sampler": self.sampler.state_dict(), "learner": self.learner.state_dict_extra()}
+        state = {
+            "sampler": self.sampler.state_dict(),
+            "learner": self.learner.state_dict_extra(),
+            "summary": dict(self.summary),  # eval/success_before must survive a resume
+        }
         try:
             path = self.checkpointer.save(step, self.learner, state, critic=self.critic)
-        except OSError as exc:  # disk full, quota, ...: the previous checkpoint is still complete
-            self.logger.info(f"[red]checkpoint at step {step} failed ({exc}); the previous one is kept[/red]")
+        except (OSError, RuntimeError) as exc:  # disk full, quota, ...: the previous one is complete
+            if not is_write_failure(exc):
+                raise
+            latest = self.checkpointer.latest()
+            self.logger.info(
+                f"[red]checkpoint at step {step} failed ({str(exc).splitlines()[0][:200]}); "
+                f"{'the previous one, ' + latest.name + ', is kept' if latest else 'no checkpoint is kept yet'}. "
+                f"{disk_hint(self.checkpointer.root.parent, exc)}[/red]"
+            )
             return False
         self.logger.info(f"checkpoint: {path}")
         if self._synced_step != step:  # off-policy lag: a resume starts in sync, so must this run
@@ -355,18 +415,49 @@ class Trainer:
         state = self.checkpointer.load(path, self.learner, critic=self.critic)
         self.sampler.load_state_dict(state["sampler"])
         self.learner.load_state_dict_extra(state["learner"])
+        self.summary = dict(state.get("summary", {}))
         self._load_learner_weights()
         self.logger.info(f"resumed from {path} (step {state['step']})")
         return int(state["step"])
 
+    def _start_history(self) -> None:
+        """metrics.jsonl holds each step once: a resumed run plays the steps after its
+        checkpoint again, and a fresh start in a folder with a history starts a new one; the
+        records they replace move to metrics.discarded.jsonl (kept, never appended twice)."""
+        moved = self.logger.discard_after(self.start_step)
+        if moved:
+            self.logger.info(
+                f"metrics.jsonl: {moved} record(s) of steps after {self.start_step} moved to "
+                "metrics.discarded.jsonl (this run plays them again)"
+            )
+
     def _export(self, folder: Path) -> None:
-        """The policy as a plain HF folder, replaced atomically (a kill never leaves half a model)."""
+        """The policy as a plain HF folder, replaced atomically (a kill never leaves half a model).
+        A failed write (full disk) removes the partial folder and raises ExportFailed, saying
+        which checkpoint a restart finishes from."""
         tmp = folder.with_name(f".{folder.name}.tmp")
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        self.learner.save_pretrained(str(tmp), self.engine.tokenizer)
+        try:
+            self.learner.save_pretrained(str(tmp), self.engine.tokenizer)
+            if self.rank == 0:
+                fsync_tree(tmp)
+        except (OSError, RuntimeError) as exc:
+            if not is_write_failure(exc):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            latest = self.checkpointer.latest()
+            after = (
+                f"run the same command: it resumes from {latest} and writes the model"
+                if latest is not None and latest.name == f"step_{self.cfg.train.steps:08d}"
+                else "no checkpoint of the last step was kept (train.save_every=0), so the trained "
+                "weights are lost with this process: set train.save_every to keep them next time"
+            )
+            raise ExportFailed(
+                f"the trained model could not be written to {folder} ({str(exc).splitlines()[0][:200]}). "
+                f"{disk_hint(folder.parent, exc)} Then {after}."
+            ) from None
         if self.rank == 0:
-            fsync_tree(tmp)
             if folder.exists():
                 shutil.rmtree(folder)
             os.replace(tmp, folder)
@@ -456,6 +547,10 @@ class Trainer:
         result = self.rollout.run(tasks, cfg.sampling)
         _shift_traj_ids(result.samples, first_traj)
         self._last_picked = picked
+        if cfg.train.exclude_infra_failures:
+            failed = infra_failed_episodes([(s.traj_id, s.parent_id, s.stop_reason) for s in result.samples])
+            result.samples = [s for s in result.samples if s.traj_id not in failed]
+            result.metrics["rollout/excluded_episodes"] = float(len(failed))
         return result
 
     def _temperature_extras(
@@ -505,7 +600,7 @@ class Trainer:
         kept: list[int] = []
         while len(batches) < max(cfg.algo.max_gen_batches, 1):
             need = len(kept) < target
-            if not _any_rank(need, self.world):
+            if not any_rank(need):
                 break
             if not need:
                 self.sampler.next(cfg.train.tasks_per_step)
@@ -563,12 +658,31 @@ class Trainer:
             sum(s["turns"] for s in summaries), 1
         )
         metrics["eval/turns"] = sum(s["turns"] for s in summaries) / max(len(summaries), 1)
+        # counted as losses in eval/success, and said: a crashing env must not read as a bad policy
+        metrics["eval/infra_failures"] = float(sum(s["stop_reason"] in INFRA_FAILURES for s in summaries))
+        if metrics["eval/infra_failures"]:
+            errors = sorted({s["error"] for s in summaries if s["stop_reason"] in INFRA_FAILURES and s["error"]})
+            self.logger.info(
+                f"[red]eval: {metrics['eval/infra_failures']:.0f} of {len(summaries)} episodes ended by an env, "
+                f"engine or timeout failure (counted as lost): {'; '.join(errors)[:500]}[/red]"
+            )
         self.logger.log(step, metrics)
         return metrics
 
     def _write_summary(self, summary: dict[str, float]) -> None:
-        if self.rank == 0:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        """summary.json, written whole or not at all (it marks a finished run)."""
+        if self.rank != 0:
+            return
+        tmp = self.run_dir / ".summary.json.tmp"
+        try:
+            tmp.write_text(json.dumps(summary, indent=2))
+            os.replace(tmp, self.run_dir / "summary.json")
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            self.logger.info(
+                f"[red]summary.json could not be written ({exc}); the results are in metrics.jsonl. "
+                f"{disk_hint(self.run_dir, exc)}[/red]"
+            )
 
 
 def save_samples(path: Path, samples: list[Trajectory], advantages: list[torch.Tensor]) -> None:
@@ -593,22 +707,6 @@ def _gather(items: list, world: int) -> list:
 def _reward_metrics(result: RolloutResult) -> dict[str, float]:
     rewards = [s.reward for s in result.samples if s.turn_idx in (None, 0)]
     return {"reward/mean": sum(rewards) / max(len(rewards), 1)}
-
-
-def _comm_device() -> torch.device:
-    """NCCL reduces only CUDA tensors; gloo only CPU ones."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _any_rank(flag: bool, world: int) -> bool:
-    """True if `flag` is true on any rank (a collective: every rank must call it)."""
-    if world == 1:
-        return flag
-    value = torch.tensor([float(flag)], device=_comm_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def _mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:

@@ -1,5 +1,6 @@
-"""Rollout-side decisions as pure functions: DAPO dynamic sampling and overlong reward shaping
-(algorithms.md §6.3), and Arbitrary-Entropy PO's temperature switch (§7.9).
+"""Rollout-side decisions as pure functions: which episodes an update may train on
+(infrastructure failures), DAPO dynamic sampling and overlong reward shaping (arXiv 2503.14476
+§3.2, §3.4), and Arbitrary-Entropy PO's temperature switch.
 
 Inputs are plain Python values (lists of (group_id, reward), lengths, advantages); the rollout
 loop carries the decisions out (generate another batch, drop groups, add a reward term).
@@ -13,6 +14,34 @@ import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+
+# --------------------------------------------------------------------------------------------
+# Episodes the policy did not end
+
+# Stop reasons that say nothing about the policy: the env or its worker crashed, the engine
+# failed the request, the episode hung past its wall-clock budget. Their reward (0) is not the
+# policy's failure; trained on, it would push down whatever the policy did before the fault.
+INFRA_FAILURES = ("env_error", "engine_error", "timeout")
+
+
+def infra_failed_episodes(episodes: Sequence[tuple[int, int | None, str]]) -> set[int]:
+    """Episode ids to leave out of an update, from (traj_id, parent_id, stop_reason) rows.
+
+    An episode that stopped on an infrastructure failure, and every branch forked from it
+    (directly or through other branches): a branch's tree credit is taken against its parent,
+    which is no longer in the batch. Rows may repeat an episode (step-wise samples).
+    """
+    failed = {traj for traj, _, reason in episodes if reason in INFRA_FAILURES}
+    parents = {traj: parent for traj, parent, _ in episodes}
+    for traj in parents:
+        chain, node = [], traj
+        while node is not None and node not in failed:
+            chain.append(node)
+            node = parents.get(node)
+        if node is not None:  # reached a failed ancestor
+            failed.update(chain)
+    return failed
+
 
 # --------------------------------------------------------------------------------------------
 # DAPO dynamic sampling

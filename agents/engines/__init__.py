@@ -19,18 +19,28 @@ MAX_GPU_MEMORY_UTILIZATION = 0.95  # above this vLLM leaves no room for CUDA gra
 LEARNER_MIN_SHARE = 0.2  # colocated: the learner keeps at least this fraction of the GPU
 
 
-def make_engine(kind: str, model_path: str, device: str = "cpu", prefix_cache_mib: int = 1024, **vllm_kwargs):
+def make_engine(
+    kind: str,
+    model_path: str,
+    device: str = "cpu",
+    prefix_cache_mib: int = 1024,
+    dtype: str = "float32",
+    **vllm_kwargs,
+):
     """The rollout's inference engine (`rollout.engine`) on this rank's `device` ("cpu" or
     "cuda:N"); vLLM is imported only when asked for. `vllm_kwargs` (`rollout.vllm`) go to
     `VLLMEngine`; on CUDA this adds the device and the colocated memory share (see
-    `_cuda_placement`) unless they are given."""
+    `_cuda_placement`) unless they are given. `dtype` is the HF engine's weights (the learner's
+    compute dtype: bfloat16 on GPU); vLLM takes its own from `rollout.vllm`."""
     # kind and range only: the import happens next anyway, and whether a learner shares the GPU
     # is the caller's to say (`check_engine(..., colocated=...)` in the CLI's preflight)
     check_engine(kind, device, vllm_kwargs, colocated=False, check_import=False)
     if kind == "hf":
         from agents.engines.hf import HFEngine
 
-        return HFEngine.from_pretrained(model_path, device=device, prefix_cache_bytes=prefix_cache_mib << 20)
+        return HFEngine.from_pretrained(
+            model_path, device=device, dtype=dtype, prefix_cache_bytes=prefix_cache_mib << 20
+        )
     from agents.engines.vllm import VLLMEngine
 
     if not device.startswith("cuda"):

@@ -217,3 +217,46 @@ def test_mean_over_ranks_with_different_keys(tmp_path):
     expected = {"a": 2.0, "rollout/stop/terminated": 0.5, "entropy/turn_3": 2.0}  # mean over reporters
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
+
+
+def test_infra_failed_episodes_take_their_branches_with_them():
+    from trainer.sampling import infra_failed_episodes
+
+    rows = [
+        (0, None, "terminated"),
+        (1, None, "env_error"),  # crashed root
+        (2, 1, "terminated"),  # forked from the crashed root
+        (3, 2, "max_turns"),  # forked from that branch
+        (4, 0, "engine_error"),  # a failed branch of a healthy root
+        (5, None, "timeout"),
+        (5, None, "timeout"),  # step-wise: an episode repeats
+        (6, 0, "truncated"),
+        (7, None, "parse_error_limit"),  # the policy's own failure: trained on
+    ]
+    assert infra_failed_episodes(rows) == {1, 2, 3, 4, 5}
+    assert infra_failed_episodes([(0, None, "terminated"), (1, 0, "max_tokens")]) == set()
+
+
+class CrashingRollout(FakeRollout):
+    """Group 0's second episode crashed its env; every step-wise sample of it says so."""
+
+    def run(self, tasks, sampling):
+        result = super().run(tasks, sampling)
+        for s in result.samples:
+            if s.traj_id == 1:
+                s.stop_reason = "env_error"
+        return result
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_episodes_ended_by_a_fault_are_left_out_of_the_update(monkeypatch, exclude):
+    trainer = fake_trainer(monkeypatch, mixed=set())
+    trainer.cfg.algo.dynamic_sampling = False
+    trainer.cfg.train.exclude_infra_failures = exclude
+    trainer.rollout = CrashingRollout(set())
+    result = trainer._rollout_batch(0, 0)
+    trajs = {s.traj_id for s in result.samples}
+    if exclude:
+        assert trajs == {0, 2, 3} and result.metrics["rollout/excluded_episodes"] == 1.0
+    else:
+        assert trajs == {0, 1, 2, 3} and "rollout/excluded_episodes" not in result.metrics
