@@ -486,6 +486,8 @@ class Trainer:
         if self.critic is not None:
             update_metrics.update(self.critic.update(result.samples, returns, values))
         if slept:
+            if torch.cuda.is_available():  # the learner's freed blocks back to the driver, for vLLM
+                torch.cuda.empty_cache()
             self.engine.wake()  # weights back first, then the KV cache
         update_metrics.update(self._update_controllers())
         t_update = time.perf_counter()
