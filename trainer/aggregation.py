@@ -1,21 +1,30 @@
 """Reduce a per-token loss matrix [B, T] to a scalar: the normalisation is its own named choice.
 
-Modes (algorithms.md §0, verl `loss_agg_mode` semantics), registered in `AGGREGATIONS`:
-  token-mean               sum_{i,t} m l / N_tokens
+Modes (verl's `loss_agg_mode` names, verl/trainer/ppo/core_algos.py `agg_loss`), registered in
+`AGGREGATIONS`, with m the loss mask and l the per-token loss:
+  token-mean               sum_{i,t} m l / N_tokens                  (DAPO, arXiv:2503.14476)
+  token-sum                sum_{i,t} m l                             (no normaliser at all)
   seq-mean-token-sum       sum_i (sum_t m l) / N_seqs
-  seq-mean-token-mean      sum_i (sum_t m l / sum_t m) / N_seqs
-  seq-mean-token-sum-norm  sum_{i,t} m l / (N_seqs * L), L = constant `loss_scale_factor` (Dr.GRPO)
+  seq-mean-token-mean      sum_i (sum_t m l / sum_t m) / N_seqs      (GRPO, arXiv:2402.03300)
+  seq-mean-token-sum-norm  sum_{i,t} m l / (N_seqs * L), L = constant `loss_scale_factor`
+                                                                     (Dr.GRPO, arXiv:2503.20783)
 
 Gradient-accumulation invariance: pass `num_tokens` / `num_seqs` counted over the WHOLE
 mini-batch (all micro-batches, all ranks; see `count_tokens_and_seqs`). Then the sum of the
 micro-batch results equals the full-batch loss, and each micro-batch's backward can simply be
-accumulated (with data parallelism that averages gradients, multiply by the world size).
+accumulated (with data parallelism that averages gradients, multiply by the world size, as
+verl's `agg_loss` does with `dp_size`; the learner does it in `trainer/learner/deepspeed.py`).
 Left at None they default to the local counts of the given matrix. Rows with no sampled token
-never count as sequences.
+never count as sequences. token-sum needs no count: a sum of micro-batch sums is the batch sum.
 
-Note on seq-mean-token-sum-norm: algorithms.md §0 writes sum / L; we also divide by the number
-of sequences, as the Dr.GRPO objective (1/G) sum_i (1/L) sum_t does, so the loss scale does not
-grow with the batch size.
+`loss_scale_factor` is read by seq-mean-token-sum-norm only (its constant L); every other mode,
+token-sum included, ignores it, as verl's `agg_loss` does.
+
+Note on seq-mean-token-sum-norm: the Dr.GRPO objective is (1/G) sum_i (1/L) sum_t, so we divide
+by the number of sequences as well as by L (the loss scale does not grow with the batch size).
+verl's `agg_loss` has, across versions, divided by L alone (a loss that grows with the batch
+size) or by the global sequence count and L; this is the latter. verl also falls back to the
+padded width for a missing L in some versions; here a missing L is an error.
 
 This module knows nothing about distribution: the caller all-reduces the counts.
 """
@@ -58,10 +67,28 @@ def _local_seqs(loss_mask: Tensor) -> Tensor:
 def token_mean(
     per_token_loss: Tensor, loss_mask: Tensor, *, num_tokens=None, num_seqs=None, params=None
 ) -> Tensor:
-    """sum_{i,t} m l / N_tokens: every token weighs the same across the batch (DAPO)."""
+    """sum_{i,t} m l / N_tokens: every token weighs the same across the batch (DAPO,
+    arXiv:2503.14476; verl's default `token-mean`)."""
     if num_tokens is None:
         num_tokens = (loss_mask > 0).sum()
     return _masked(per_token_loss, loss_mask).sum() / _at_least_one(num_tokens)
+
+
+@AGGREGATIONS.register("token-sum")
+def token_sum(
+    per_token_loss: Tensor, loss_mask: Tensor, *, num_tokens=None, num_seqs=None, params=None
+) -> Tensor:
+    """sum_{i,t} m l, divided by nothing: verl's `token-sum` (core_algos `agg_loss`).
+
+    Every token weighs the same and the loss grows with the number of tokens in the mini-batch,
+    so the step size scales with the batch's token count (pick the learning rate for it).
+    `num_tokens` / `num_seqs` are accepted for a uniform signature and ignored: the sum over
+    micro-batches (and ranks, with the learner's world-size factor that undoes DP gradient
+    averaging, verl's `* dp_size`) already equals the whole mini-batch's sum.
+    `loss_scale_factor` does not apply (verl's token-sum reads none either); for a sum divided
+    by a constant, use seq-mean-token-sum-norm.
+    """
+    return _masked(per_token_loss, loss_mask).sum()
 
 
 @AGGREGATIONS.register("seq-mean-token-sum")
@@ -78,7 +105,7 @@ def seq_mean_token_sum(
 def seq_mean_token_mean(
     per_token_loss: Tensor, loss_mask: Tensor, *, num_tokens=None, num_seqs=None, params=None
 ) -> Tensor:
-    """mean over sequences of the per-sequence token mean (original GRPO)."""
+    """mean over sequences of the per-sequence token mean (original GRPO, arXiv:2402.03300)."""
     if num_seqs is None:
         num_seqs = _local_seqs(loss_mask)
     tokens_per_seq = (loss_mask > 0).sum(dim=-1).clamp_min(1)
@@ -90,7 +117,7 @@ def seq_mean_token_mean(
 def seq_mean_token_sum_norm(
     per_token_loss: Tensor, loss_mask: Tensor, *, num_tokens=None, num_seqs=None, params: SumNormParams
 ) -> Tensor:
-    """sum_{i,t} m l / (N_seqs * L) with a constant L (Dr.GRPO, algorithms.md §6.2)."""
+    """sum_{i,t} m l / (N_seqs * L) with a constant L (Dr.GRPO, arXiv:2503.20783)."""
     if params is None or params.loss_scale_factor is None:
         raise ValueError(
             "aggregation 'seq-mean-token-sum-norm' needs a constant normaliser: set "
@@ -120,8 +147,8 @@ def aggregate(
     """Reduce `per_token_loss` [B, T] to a scalar with the named `mode` (see module docstring).
 
     `num_tokens` / `num_seqs`: global counts over the whole mini-batch for gradient
-    accumulation invariance; None = local counts. `loss_scale_factor`: the constant L of
-    seq-mean-token-sum-norm (required there, ignored by the other modes).
+    accumulation invariance; None = local counts (token-sum reads neither). `loss_scale_factor`:
+    the constant L of seq-mean-token-sum-norm (required there, ignored by the other modes).
     """
     entry = AGGREGATIONS.get(mode)
     params = None

@@ -116,8 +116,8 @@ class KLRewardConfig:
     reference model. (The in-loss alternative is the `kl` regulariser, with adaptive control.)"""
 
     coef: float = 0.0
-    kind: str = "k1"  # k1 | k2 | k3
-    clamp: float | None = None  # k3 only
+    kind: str = "k1"  # k1 | k2 | k3 | abs | k1+ | k3+ (in a reward k1+ = k1, k3+ = k3)
+    clamp: float | None = None  # k3 and k3+ only
 
 
 @dataclass
@@ -439,8 +439,9 @@ def finalize(cfg: Config) -> None:
             f"algo.rollout_is_cap={cfg.algo.rollout_is_cap}: a cap >= 1 on pi_old / mu",
         ),
         (
-            cfg.algo.kl_in_reward.kind in ("k1", "k2", "k3"),
-            f"algo.kl_in_reward.kind={cfg.algo.kl_in_reward.kind!r}: use k1, k2 or k3",
+            # trainer/regularizers.KL_KINDS (tests/trainer/test_kl_estimators.py keeps them equal)
+            cfg.algo.kl_in_reward.kind in ("k1", "k2", "k3", "abs", "k1+", "k3+"),
+            f"algo.kl_in_reward.kind={cfg.algo.kl_in_reward.kind!r}: use one of k1, k2, k3, abs, k1+, k3+",
         ),
         (
             cfg.algo.kl_in_reward.coef >= 0,

@@ -21,6 +21,7 @@ This module knows nothing about models, configs, micro-batching or distribution.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,23 +34,55 @@ from trainer.registry import Registry
 REGULARIZERS = Registry("regularizer")
 
 
+KLKind = Literal["k1", "k2", "k3", "abs", "k1+", "k3+"]
+KL_KINDS: tuple[str, ...] = typing.get_args(KLKind)
+
+
 def kl_estimate(
     logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3", clamp: float | None = 10.0
 ) -> Tensor:
-    """Per-token estimate of KL(pi_theta || pi_ref) on samples of pi_theta, algorithms.md §6.1.
+    """Per-token estimate of KL(pi_theta || pi_ref) on samples of pi_theta; differentiable
+    w.r.t. `logprobs`. With r = log pi_theta - log pi_ref (= -d, d = log pi_ref - log pi_theta):
 
-    With d = log pi_ref - log pi_theta: k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1 ("low_var_kl",
-    clamped to [-clamp, clamp]). Differentiable w.r.t. logprobs.
+      k1   r                         unbiased, signed, high variance
+      k2   r^2 / 2                   biased, >= 0; its gradient r * grad log pi_theta is, on
+                                     samples of pi_theta, an unbiased estimate of grad KL
+      k3   exp(d) - d - 1            unbiased, >= 0, low variance ("low_var_kl" in verl);
+                                     clamped to [-clamp, clamp] (None = not clamped)
+      abs  |r|                       biased, >= 0 (verl's "abs")
+      k1+  value of k1, gradient of k2 (straight-through: k2 - sg(k2) + sg(k1))
+      k3+  value of k3 (clamped as k3), gradient of k2
+
+    k1, k2, k3 are Schulman's estimators ("Approximating KL Divergence", joschu.net/blog/
+    kl-approx.html). abs and the "+" straight-through variants follow verl's
+    verl/trainer/ppo/core_algos.py `kl_penalty` / `kl_penalty_forward` (the "+" suffix came
+    with verl PR #2953; the k2-gradient argument is analysed in arXiv:2505.17508): k1 and k3
+    estimate KL's value without bias but their gradients are not KL's gradient, k2's is, so
+    the "+" kinds report the k1/k3 value and push the k2 gradient. The k3+ gradient flows
+    even where the k3 value is clamped (as in verl).
+
+    Departures from verl: names are k1/k2/k3 only (verl also accepts the aliases "kl", "mse",
+    "low_var_kl"); only k1+ and k3+ carry the "+" (verl takes any "+" name, e.g. "abs+";
+    "k2+" would be k2); verl's "full" is not offered. verl clamps d itself to [-20, 20] and
+    always clamps k3 to [-10, 10]; here only the exponent's argument is capped at 20 (exp stays
+    finite) and the output clamp is `clamp`, which is read by k3 and k3+ only.
     """
-    diff = ref_logprobs - logprobs
+    if kind not in KL_KINDS:
+        raise ValueError(f"unknown KL estimator {kind!r}; expected one of {', '.join(KL_KINDS)}")
+    log_ratio = logprobs - ref_logprobs
+    if kind.endswith("+"):
+        value = kl_estimate(logprobs, ref_logprobs, kind[:-1], clamp).detach()
+        k2 = 0.5 * log_ratio**2
+        return k2 - k2.detach() + value  # forward: value exactly; backward: d k2 = log_ratio
     if kind == "k1":
-        return -diff
+        return log_ratio
     if kind == "k2":
-        return 0.5 * diff**2
-    if kind == "k3":
-        kl = torch.exp(diff.clamp(max=20.0)) - diff - 1
-        return kl.clamp(-clamp, clamp) if clamp is not None else kl
-    raise ValueError(f"unknown KL estimator {kind!r}; expected 'k1', 'k2' or 'k3'")
+        return 0.5 * log_ratio**2
+    if kind == "abs":
+        return log_ratio.abs()
+    diff = -log_ratio  # k3
+    kl = torch.exp(diff.clamp(max=20.0)) - diff - 1
+    return kl.clamp(-clamp, clamp) if clamp is not None else kl
 
 
 def kl_in_reward(
@@ -61,14 +94,21 @@ def kl_in_reward(
     kind: str = "k1",
     clamp: float | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, float]]:
-    """KL to the reference as a reward penalty instead of a loss term (verl's use_kl_in_reward,
-    algorithms.md §6.1/§6.5): r_t = -coef * k_t on every sampled token, plus the sequence reward
-    on the last one. Returns (sequence rewards [B] = R - coef * sum_t k_t for outcome estimators
-    such as GRPO, token rewards [B, T] for REINFORCE++ and GAE, metrics). `logprobs` are the
-    behaviour policy's (the rollout's): the penalty is a constant of the rollout, no gradient.
+    """KL to the reference as a reward penalty instead of a loss term: r_t = -coef * k_t on
+    every sampled token, plus the sequence reward on the last one (verl's use_kl_in_reward:
+    ray_trainer `apply_kl_penalty` with core_algos `kl_penalty`; the KL-shaped reward of
+    Ziegler et al., arXiv:1909.08593). Returns (sequence rewards [B] = R - coef * sum_t k_t for
+    outcome estimators such as GRPO, token rewards [B, T] for REINFORCE++ and GAE, metrics).
+    `logprobs` are the behaviour policy's (the rollout's): the penalty is a constant of the
+    rollout and is returned detached. `kind` is any of `kl_estimate`'s; since a reward carries
+    no gradient, k1+ gives exactly k1's penalty and k3+ exactly k3's.
+
+    Departures from verl: `coef` is fixed here (verl can adapt it with its kl_ctrl); the same
+    estimator caveats as `kl_estimate`, and `clamp` defaults to None (verl clamps k3 at 10).
     """
     valid = loss_mask > 0
-    kl = torch.where(valid, kl_estimate(logprobs, ref_logprobs, kind, clamp), torch.zeros_like(logprobs))
+    kl = kl_estimate(logprobs, ref_logprobs, kind, clamp).detach()
+    kl = torch.where(valid, kl, torch.zeros_like(kl))
     penalty = coef * kl
     token_rewards = -penalty
     positions = torch.arange(valid.shape[1]).expand_as(valid)
@@ -104,8 +144,11 @@ def entropy_bonus(inputs: LossInputs, params: EntropyBonusParams, *, coef: float
 
 @dataclass(frozen=True)
 class KLParams:
+    """Params of the `kl` regulariser: `kind` is a `kl_estimate` estimator (KL_KINDS), `clamp`
+    its output clamp (k3 and k3+ only)."""
+
     coef: float = 1e-3
-    kind: Literal["k1", "k2", "k3"] = "k3"
+    kind: KLKind = "k3"
     clamp: float | None = 10.0
     target: float | None = None  # set to adapt coef towards this KL (controllers.AdaptiveKLController)
     horizon: int = 10000
@@ -113,7 +156,13 @@ class KLParams:
 
 @REGULARIZERS.register("kl", params=KLParams, needs={"ref_logprobs"}, controller="adaptive_kl")
 def kl_penalty(inputs: LossInputs, params: KLParams, *, coef: float | None = None) -> LossOutput:
-    """KL to the reference policy as a loss term: coef * k_t, algorithms.md §6.1."""
+    """KL to the reference policy as a loss term: coef * k_t (verl's use_kl_loss with
+    kl_loss_type, core_algos `kl_penalty`; the GRPO objective's KL term, arXiv:2402.03300, uses
+    k3). `loss/kl_ref` is the estimator's value (for k1+/k3+ that of k1/k3).
+
+    Departure from verl: `coef` can adapt towards `target` (verl adapts only the in-reward
+    coefficient; its actor kl_loss_coef is fixed), and the estimator caveats of `kl_estimate`.
+    """
     ref = _require(inputs, "ref_logprobs", "kl")
     logprobs = torch.where(inputs.valid, inputs.logprobs, torch.zeros_like(inputs.logprobs))
     kl = kl_estimate(logprobs, ref, params.kind, params.clamp)

@@ -14,6 +14,8 @@ MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     "mode, kw, expected",
     [
         ("token-mean", {}, 18 / 5),  # (1+2+4+5+6) / 5
+        ("token-sum", {}, 18.0),  # 1+2+4+5+6, the masked 99 dropped, no normaliser
+        ("token-sum", {"loss_scale_factor": 4.0}, 18.0),  # L is seq-mean-token-sum-norm's only
         ("seq-mean-token-sum", {}, (3 + 15) / 2),
         ("seq-mean-token-mean", {}, (1.5 + 5.0) / 2),
         ("seq-mean-token-sum-norm", {"loss_scale_factor": 4.0}, 18 / (2 * 4)),
@@ -65,3 +67,20 @@ def test_micro_batch_invariance(mode):
     (split_grad,) = torch.autograd.grad(total, weights)
     torch.testing.assert_close(total, full)
     torch.testing.assert_close(split_grad, full_grad)
+
+
+def test_token_sum_ignores_counts_and_splits_by_hand():
+    """token-sum needs no global count: each micro-batch's sum, added up, is the batch's."""
+    row0 = aggregate(LOSS[:1], MASK[:1], "token-sum", num_tokens=5, num_seqs=2)
+    row1 = aggregate(LOSS[1:], MASK[1:], "token-sum", num_tokens=5, num_seqs=2)
+    assert (row0.item(), row1.item()) == (3.0, 15.0)  # unequal rows: 1+2 and 4+5+6
+    assert (row0 + row1).item() == aggregate(LOSS, MASK, "token-sum").item() == 18.0
+    # = token-mean * N_tokens = seq-mean-token-sum * N_seqs on the same batch
+    assert aggregate(LOSS, MASK, "token-mean").item() * 5 == pytest.approx(18.0)
+    assert aggregate(LOSS, MASK, "seq-mean-token-sum").item() * 2 == pytest.approx(18.0)
+
+
+def test_token_sum_gradient_is_the_mask():
+    loss = LOSS.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(aggregate(loss, MASK, "token-sum"), loss)
+    torch.testing.assert_close(grad, MASK)  # weight 1 per sampled token, 0 on the masked one
