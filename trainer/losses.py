@@ -582,9 +582,12 @@ def kl_cov(inputs: LossInputs, params: KLCovParams, *, batch_stats: BatchStats |
         penalised = _kl_cov_top_k(inputs, advantages, params)
     else:
         penalised = _kl_cov_over_threshold(inputs, advantages, batch_stats)
-    loss = loss + torch.where(penalised, params.kl_coef * log_ratio.abs(), torch.zeros_like(loss))
+    penalty = torch.where(penalised, params.kl_coef * log_ratio.abs(), torch.zeros_like(loss))
+    loss = loss + penalty
     metrics = _ratio_metrics(inputs, log_ratio, ratio)
     metrics["loss/cov_penalised_frac"] = masked_mean(penalised.float(), inputs.loss_mask)
+    # what the penalty adds (0 while r = 1: one on-policy pass), as a token mean
+    metrics["loss/kl_cov_penalty"] = masked_mean(penalty.detach(), inputs.loss_mask)
     return _finish(inputs, loss, metrics)
 
 

@@ -94,8 +94,30 @@ def test_stale_runs_recompute_pi_old_before_the_first_optimizer_step(learner_mod
     metrics = stale.update(samples, advantages)
     # pi_old = the pre-update policy: the first mini-batch's ratio is exactly 1, nothing clipped
     assert metrics["off_policy/kl_k3"] > 1.0  # mu (-1 everywhere) is far from pi_old (~ -4.2)
+    # several optimizer steps per rollout recompute pi_old with or without lag; one pass never does
     on_policy = DeepSpeedLearner(load(None, overrides), learner_model_dir)
-    assert on_policy._recompute_old() is False and stale._recompute_old() is True
+    single = DeepSpeedLearner(load(None, BASE), learner_model_dir)
+    assert on_policy._recompute_old() is True and stale._recompute_old() is True
+    assert single._recompute_old() is False
+
+
+def test_several_mini_batches_take_pi_old_from_the_learner_not_the_engine(learner_model_dir):
+    """No staleness, two mini-batches, an engine whose log-probs are far from the learner's
+    (a bf16 / vLLM mismatch, exaggerated): the ratio is taken against the recorded pi_old, so the
+    first mini-batch's ratio is exactly 1 and little is clipped; against mu every token would be
+    clipped. The mismatch pi_old / mu is measured either way."""
+    from trainer.learner.deepspeed import DeepSpeedLearner
+
+    samples, advantages = fixed_batch()
+    for s in samples:
+        s.rollout_logprobs = [-1.0] * len(s.response_ids)  # mu; the learner's are ~ -4.2
+    overrides = [*BASE, "learner.mini_batches=2", "train.tasks_per_step=2"]
+    learner = DeepSpeedLearner(load(None, overrides), learner_model_dir)
+    metrics = learner.update(samples, advantages)
+    assert metrics["learner/optimizer_steps"] == 2.0
+    assert metrics["loss/clipfrac"] < 0.25  # with pi_old = mu: 1.0 (r ~ e^-3.2 is far below 0.8)
+    assert metrics["off_policy/ratio_outside_frac"] == 1.0  # every token: pi_old / mu ~ e^-3.2
+    assert 2.5 < metrics["off_policy/log_ratio_abs_mean"] <= metrics["off_policy/log_ratio_abs_max"] < 5.0
 
 
 def test_engine_lags_the_learner_by_at_most_max_staleness(

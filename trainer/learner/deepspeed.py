@@ -76,8 +76,9 @@ _SUPPORTED_NEEDS = {
     "reinforce_mask",
 }
 _DETACHED_FOR_POLICY = ("entropy", "clamped_entropy", "top_p_entropy")
-_SUMMED_STATS = ("bapo/",)
-_MIN_MICRO_BATCH_TOKENS = 64  # below this an OOM is not a micro-batch size problem  # controller stats that are sums (BAPO grid sums), not token means
+_SUMMED_STATS = ("bapo/",)  # controller stats that are sums (BAPO grid sums), not token means
+_MAX_STATS = ("off_policy/log_ratio_abs_max",)  # maxima over micro-batches and ranks
+_MIN_MICRO_BATCH_TOKENS = 64  # below this an OOM is not a micro-batch size problem
 
 
 @dataclass
@@ -229,6 +230,7 @@ class DeepSpeedLearner:
         self.controller_stats: dict[str, float] = {}  # the last update's reduced metrics
         self._stat_sums: dict[str, float] = defaultdict(float)
         self._stat_weights: dict[str, float] = defaultdict(float)
+        self._stat_max: dict[str, float] = {}  # _MAX_STATS: maxima, not token means
 
     # -- what the update computes -----------------------------------------------------------------
 
@@ -328,6 +330,7 @@ class DeepSpeedLearner:
         step_totals: dict[str, float] = defaultdict(float)  # summed over optimizer steps
         self._stat_sums.clear()
         self._stat_weights.clear()
+        self._stat_max.clear()
         old = self._recorded_old_logprobs(samples) if self._recompute_old() else None
         for _ in range(self.cfg.learner.epochs):
             for index in _split(len(samples), self.cfg.learner.mini_batches):
@@ -378,7 +381,7 @@ class DeepSpeedLearner:
         buffers, which cannot be rolled back. Micro-batches are planned largest first, so the
         usual OOM (the first forward) is retried under every stage."""
         while True:
-            stats = (dict(self._stat_sums), dict(self._stat_weights))
+            stats = (dict(self._stat_sums), dict(self._stat_weights), dict(self._stat_max))
             micro, step = defaultdict(float), defaultdict(float)
             try:
                 self._mini_batch_step(batch, micro, step)
@@ -387,7 +390,8 @@ class DeepSpeedLearner:
                 rolled_back = self.cfg.learner.zero_stage == 0 or not self._backward_ran
                 if self.world_size > 1 or not rolled_back or not self._can_split_further(batch.samples):
                     raise
-                self._stat_sums, self._stat_weights = (defaultdict(float, d) for d in stats)
+                self._stat_sums, self._stat_weights = (defaultdict(float, d) for d in stats[:2])
+                self._stat_max = dict(stats[2])
                 self.engine.zero_grad()  # the failed attempt's partial gradients
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
@@ -582,16 +586,19 @@ class DeepSpeedLearner:
         return self.cfg.learner.epochs == 1 and self.cfg.learner.mini_batches == 1
 
     def _recompute_old(self) -> bool:
-        """pi_old must be recomputed (a no-grad pass before the first optimizer step) when later
-        mini-batches or epochs need it and the engine's weights may lag the learner's."""
-        return not self._single_pass() and self.cfg.train.max_staleness > 0
+        """pi_old is recomputed (one no-grad pass before the first optimizer step) whenever a
+        rollout feeds more than one optimizer step, as PPO and verl take it: the engine's
+        log-probs are the behaviour policy mu, which differs from the learner's weights by the
+        training-inference mismatch (kernels, bf16, vLLM) and by any staleness. One pass needs
+        no extra forward: pi_old is then the current policy itself."""
+        return not self._single_pass()
 
     def _old_logprobs(self, micro: MicroBatch, logprobs: torch.Tensor) -> torch.Tensor:
         if self._single_pass():  # pi_old is the current policy: no second forward needed
             return logprobs.detach()
-        if micro.old_logprobs is not None:  # recorded before this update's first optimizer step
-            return micro.old_logprobs
-        return micro.rollout_logprobs  # the engine had the learner's weights: mu = pi_old
+        if micro.old_logprobs is None:
+            raise RuntimeError("several optimizer steps per rollout need pi_old recorded before the first")
+        return micro.old_logprobs  # recorded before this update's first optimizer step
 
     def _recorded_old_logprobs(self, samples: list[Trajectory]) -> list[torch.Tensor]:
         """Each sample's [T_i] log-probs under the current weights (pi_old of this update)."""
@@ -771,17 +778,24 @@ class DeepSpeedLearner:
         """Accumulate one micro-batch's metrics: means weighted by their token counts, or sums
         (BAPO grid sums). Reduced over ranks by `_reduce_stats`."""
         for key, value in metrics.items():
+            if key in _MAX_STATS:
+                self._stat_max[key] = max(self._stat_max.get(key, 0.0), value)
+                continue
             summed = key.startswith(_SUMMED_STATS)
             self._stat_sums[key] += value if summed else value * weights[key]
             self._stat_weights[key] += 1.0 if summed else weights[key]
 
     def _reduce_stats(self, num_samples: int) -> dict[str, float]:
         """The step's metrics over all micro-batches and ranks, identical on every rank."""
-        keys = sorted(self._stat_sums)
+        keys, maxima = sorted(self._stat_sums), dict(self._stat_max)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
-            dist.all_gather_object(gathered, keys)
-            keys = sorted({k for part in gathered for k in part})
+            gathered: list[tuple] = [() for _ in range(dist.get_world_size())]
+            dist.all_gather_object(gathered, (keys, maxima))
+            keys = sorted({k for part, _ in gathered for k in part})
+            maxima = {}
+            for _, part in gathered:
+                for k, v in part.items():
+                    maxima[k] = max(maxima.get(k, v), v)
         values = torch.tensor(
             [self._stat_sums.get(k, 0.0) for k in keys]
             + [self._stat_weights.get(k, 0.0) for k in keys]
@@ -796,6 +810,7 @@ class DeepSpeedLearner:
         for i, key in enumerate(keys):
             total, weight = float(values[i]), float(values[n + i])
             stats[key] = total if key.startswith(_SUMMED_STATS) else total / max(weight, 1e-12)
+        stats.update(maxima)
         return stats
 
     # -- weights ----------------------------------------------------------------------------------
