@@ -120,6 +120,8 @@ CASES = {
     ),
     "temperature_reinforce": ("algo.regularizers=[{name: temperature_reinforce}]",),
     "forking_tokens": ("algo.forking_tokens=0.2", "algo.stats_scope=global"),
+    "lora": ("model.lora.rank=4",),
+    "kl_reference": ("algo.kl_in_reward.coef=0.01",),
     "recomputed_pi_old": (
         "learner.mini_batches=2",
         "train.tasks_per_step=2",
@@ -231,3 +233,22 @@ def test_more_ranks_than_gpus_names_the_launch_fix(monkeypatch):
         device_mod.resolve_device("cuda")
     with pytest.raises(device_mod.DeviceError, match="train.device='tpu'"):
         device_mod.resolve_device("tpu")
+
+
+def test_the_critic_moves_its_micro_batches_to_the_models_device(learner_model_dir):
+    """PPO's value model (its own DeepSpeed engine): values and a value-loss update on meta."""
+    from trainer.learner.critic import DeepSpeedCritic
+
+    critic = DeepSpeedCritic(load(None, ["learner.threads=1", "algo.advantage.name=gae"]), learner_model_dir)
+    critic.engine.module.to(META)
+    critic.device = META
+    critic.engine.backward = lambda loss: loss.backward()
+    critic.engine.step = lambda: None
+    critic.engine.set_gradient_accumulation_boundary = lambda flag: None
+    critic.engine.train = critic.engine.eval = lambda *args: None
+    critic.engine.forward = critic.engine.module.forward  # DeepSpeed's own hooks know no meta
+    samples, returns = fixed_batch()
+    with DeviceGuard() as guard:
+        values = critic.values(samples)
+        metrics = critic.update(samples, returns, values)
+    assert guard.ops > 20 and all(v.device.type == "cpu" for v in values) and "loss/critic" in metrics
