@@ -68,3 +68,13 @@ def test_env_kwargs_check_accepts_the_real_arguments():
     check_kwargs("math", {})
     with pytest.raises(KeyError, match="unknown env id 'nope'"):
         check_kwargs("nope", {})
+
+
+def test_step_mode_branching_needs_tree_credit():
+    from trainer.config import ConfigError, load
+
+    branched = ["rollout.mode=step", "rollout.branch.policy=arpo"]
+    with pytest.raises(ConfigError, match="algo.advantage.name=grpo_tree.*or rollout.mode=trajectory"):
+        load(None, branched)  # grpo: the shared turns would get the parent's return alone
+    load(None, [*branched, "algo.advantage.name=grpo_tree"])
+    load(None, ["rollout.mode=trajectory", "rollout.branch.policy=arpo"])

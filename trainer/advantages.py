@@ -41,13 +41,21 @@ class AdvantageInputs:
                    the last sampled token of each row.
     entropies:     [B, T] per-token entropies (for entropy-aware estimators and metrics).
     turn_idx:      [B] long, which turn of its episode a step-wise sample is (GiGPO).
-    step_rewards:  [B] float, the env reward received after this turn (GiGPO step returns).
+    step_rewards:  [B] float, this turn's share of the episode reward (GiGPO step returns): per-
+                   turn rewards on the scale of `rewards`, whose sum over an episode's turns is
+                   its reward (`trainer/loop.py` derives them from the configured reward).
     anchor_keys:   B hashables, the anchor state of each turn-sample, e.g. a hash of the raw
                    observation without history (GiGPO groups equal keys within a group).
-    parent_ids:    [B] long, branched (tree) rollouts, one row per leaf trajectory: the traj_id
-                   of the row this one was branched from, -1 for a root (ARPO/AEPO, §2).
+    parent_ids:    [B] long, branched (tree) rollouts: the traj_id of the episode this row's
+                   episode was branched from, -1 for a root (ARPO, arXiv 2507.19849; AEPO,
+                   arXiv 2510.14545). Trajectory mode: one row per leaf trajectory. Step-wise
+                   mode (`turn_idx` set): one row per turn the episode played itself.
     fork_positions:[B] long, tokens [0, fork) of the row are a verbatim copy of its parent's
                    tokens [0, fork) (the shared prefix, same column positions); ignored for roots.
+                   Step-wise mode: read on a branch's fork-turn row only (a token-level fork's
+                   first tokens, which are the parent's same-turn row's and have loss_mask 0).
+    fork_turns:    [B] long, step-wise branches: the first turn the row's episode played itself
+                   (its turns before it are its parent's samples); ignored for roots.
     """
 
     rewards: Tensor
@@ -62,6 +70,7 @@ class AdvantageInputs:
     anchor_keys: Sequence[Hashable] | None = None
     parent_ids: Tensor | None = None
     fork_positions: Tensor | None = None
+    fork_turns: Tensor | None = None
 
     def __post_init__(self) -> None:
         batch = self.loss_mask.shape[0]
@@ -75,6 +84,7 @@ class AdvantageInputs:
             "step_rewards",
             "parent_ids",
             "fork_positions",
+            "fork_turns",
         ):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != (batch,):
@@ -242,11 +252,17 @@ class RLOOParams:
     count: Literal["sample", "trajectory"] = "sample"
 
 
-@ADVANTAGES.register("rloo", params=RLOOParams)
+@ADVANTAGES.register("rloo", params=RLOOParams, min_group_size=2)
 def rloo(inputs: AdvantageInputs, params: RLOOParams) -> AdvantageOutput:
-    """RLOO, algorithms.md §6.4: A_i = R_i - mean of the other n-1 units = n/(n-1) (R_i - mean_g).
+    """RLOO (arXiv 2402.14740): A_i = R_i - mean of the other n-1 units = n/(n-1) (R_i - mean_g).
 
-    A group of one has no "others": its advantage is 0 (reported as `adv/singleton_frac`).
+    Group of one: A = 0. A lone unit has no "others" to be compared with, so it carries no
+    learning signal (reported as `adv/singleton_frac`). verl's rloo gives it its raw score R_i
+    instead, an unbaselined REINFORCE term on another scale than the rest of the batch; we do
+    not. A group of several step-wise turn-samples of one episode (count="sample") is no
+    better: they share the episode's reward, so each is 0 too. Hence the registry flag
+    `min_group_size=2`: `trainer/config.finalize` rejects `algo.group_size=1` with this
+    estimator instead of letting it train on zeros.
     """
     n, mean, _ = _group_baseline(inputs.rewards, inputs.group_ids, inputs.traj_ids, params.count)
     single = n < 2
@@ -373,13 +389,20 @@ def _step_returns(inputs: AdvantageInputs, gamma: float) -> Tensor:
 
 @ADVANTAGES.register("gigpo", params=GiGPOParams, needs={"turn_idx", "step_rewards", "anchor_keys"})
 def gigpo(inputs: AdvantageInputs, params: GiGPOParams) -> AdvantageOutput:
-    """GiGPO, algorithms.md §6.8: A = A^E + omega A^S, one sample per turn (step-wise mode).
+    """GiGPO (arXiv 2505.10978): A = A^E + omega A^S, one sample per turn (step-wise mode).
 
     A^E: GRPO-style over the group with F = 1 (mean_norm) or F = std + eps (mean_std_norm);
     `rewards` must hold the episode return on every turn-sample. A^S: samples of the same group
     whose `anchor_keys` are equal (same raw observation) form an anchor group;
     A^S = (R_{i,t} - anchor mean) / F with R_{i,t} the discounted return of `step_rewards` from
     this turn on. Singleton anchor groups get A^S = 0.
+
+    Both levels must use the same reward: `step_rewards` are per-turn shares of `rewards` (an
+    episode's sum to its reward), not raw env rewards on another scale. `trainer/loop.py` makes
+    them from the configured reward: the env's step reward times the weight of the `score`
+    reward term on every turn, the rest of the episode reward on the last turn. With a reward
+    of `success` only, R_{i,t} = gamma^(last - t) R_i, as in verl-agent (whose env pays the
+    episode reward at the last step).
     """
     missing = [n for n in ("turn_idx", "step_rewards", "anchor_keys") if getattr(inputs, n) is None]
     if missing:
@@ -463,17 +486,23 @@ def _prefix_owner(inputs: AdvantageInputs) -> Tensor:
 
 @ADVANTAGES.register("grpo_tree", params=TreeParams, needs={"parent_ids", "fork_positions"})
 def grpo_tree(inputs: AdvantageInputs, params: TreeParams) -> AdvantageOutput:
-    """GRPO on branched rollouts (ARPO/AEPO tree sampling), algorithms.md §2a.
+    """GRPO on branched rollouts (ARPO tree sampling, arXiv 2507.19849; AEPO, arXiv 2510.14545).
 
-    Every row is a leaf trajectory and gets the GRPO advantage A_i over its group (units =
-    leaves). soft (ARPO default): each row keeps A_i on all its tokens; a prefix shared by k
-    leaves is trained k times with their own advantages. hard: a shared prefix token gets the
-    mean advantage of the leaves that contain it. dedup_prefix (hard only): each shared token
-    is trained once, on the row that owns it (the root-most copy); `loss_mask` in the output
-    drops the copies (the learner must use it). Without parent_ids this is plain GRPO.
+    Every leaf trajectory gets the GRPO advantage A_L over its group (units = leaves).
+    Trajectory mode (one row per leaf, shared prefixes copied into every row): soft (ARPO
+    default): each row keeps A_L on all its tokens; a prefix shared by k leaves is trained k
+    times with their own advantages. hard: a shared prefix token gets the mean advantage of the
+    leaves that contain it. dedup_prefix (hard only): each shared token is trained once, on the
+    row that owns it (the root-most copy); `loss_mask` in the output drops the copies (the
+    learner must use it). Without parent_ids this is plain GRPO.
+
+    Step-wise mode (`turn_idx` set): see `_step_tree_credit`; every turn-sample gets the credit
+    of all the leaves (episodes) that played it, not only of the episode that emitted it.
     """
     if params.dedup_prefix and params.attribution != "hard":
         raise ValueError("grpo_tree: dedup_prefix needs attribution='hard' (soft has no single value)")
+    if inputs.turn_idx is not None:
+        return _step_tree_credit(inputs, params)
     per_sample, group_metrics = _grpo_per_sample(
         inputs, GRPOParams(norm_by_std=params.norm_by_std, eps=params.eps, count="sample")
     )
@@ -503,6 +532,123 @@ def grpo_tree(inputs: AdvantageInputs, params: TreeParams) -> AdvantageOutput:
         int((inputs.loss_mask > 0).sum()), 1
     )
     return AdvantageOutput(advantages, None, metrics, loss_mask)
+
+
+@dataclass
+class _StepEpisode:
+    """One episode of step-wise rows: its tree links and the rows it emitted, by turn."""
+
+    parent: int  # traj_id, -1 for a root
+    fork: int  # first turn it played itself (0 for a root)
+    group: int
+    rows: dict[int, int] = field(default_factory=dict)  # turn -> row
+    offset: int = 0  # its fork turn's first tokens that are the parent's (token-level fork)
+
+
+def _step_episodes(inputs: AdvantageInputs) -> dict[int, _StepEpisode]:
+    """Step-wise rows grouped into episodes, with the tree checked: parents in the batch and in
+    the same group, no cycles, no row before its episode's fork turn, no sampled token in a
+    fork row's shared prefix."""
+    B, T = inputs.loss_mask.shape
+    traj, turns, groups = inputs.traj_ids.tolist(), inputs.turn_idx.tolist(), inputs.group_ids.tolist()
+    parents = inputs.parent_ids.tolist() if inputs.parent_ids is not None else [-1] * B
+    forks = inputs.fork_turns.tolist() if inputs.fork_turns is not None else [0] * B
+    offsets = inputs.fork_positions.tolist() if inputs.fork_positions is not None else [0] * B
+    episodes: dict[int, _StepEpisode] = {}
+    for i in range(B):
+        root = parents[i] < 0
+        ep = episodes.setdefault(traj[i], _StepEpisode(parents[i], 0 if root else forks[i], groups[i]))
+        if (ep.parent, ep.group) != (parents[i], groups[i]) or (not root and ep.fork != forks[i]):
+            raise ValueError(
+                f"the samples of trajectory {traj[i]} disagree on its parent, fork turn or group"
+            )
+        if turns[i] in ep.rows:
+            raise ValueError(f"trajectory {traj[i]} has two samples with the same turn_idx")
+        if turns[i] < ep.fork:
+            raise ValueError(
+                f"trajectory {traj[i]} has a sample of turn {turns[i]}, before its fork turn {ep.fork}: "
+                "a branch's shared turns are its parent's samples"
+            )
+        ep.rows[turns[i]] = i
+        if not root and turns[i] == ep.fork:
+            if not 0 <= offsets[i] <= T:
+                raise ValueError(f"fork_positions[{i}]={offsets[i]} outside [0, T={T}]")
+            if bool((inputs.loss_mask[i, : offsets[i]] > 0).any()):
+                raise ValueError(
+                    f"trajectory {traj[i]}'s fork-turn sample has sampled tokens in its shared prefix "
+                    f"[0, {offsets[i]}): those are its parent's (loss_mask must be 0 there)"
+                )
+            ep.offset = offsets[i]
+    for t, ep in episodes.items():
+        seen, node = {t}, ep
+        while node.parent >= 0:
+            if node.parent not in episodes:
+                raise ValueError(f"parent_ids: trajectory {node.parent} is not a traj_id of this batch")
+            if episodes[node.parent].group != ep.group:
+                raise ValueError(f"trajectory {t} branches from {node.parent} of another group")
+            if node.parent in seen:
+                raise ValueError(f"parent_ids form a cycle through trajectory {t}")
+            seen.add(node.parent)
+            node = episodes[node.parent]
+    return episodes
+
+
+def _step_tree_credit(inputs: AdvantageInputs, params: TreeParams) -> AdvantageOutput:
+    """grpo_tree over step-wise rows (one row per turn an episode played itself).
+
+    A branch emits only its own turns: its turns before `fork_turns` are its parent's rows
+    (and, after a token-level fork, the first `fork_positions` tokens of its fork turn are its
+    parent's same-turn row's). So a token of a row is contained in every leaf (episode) whose
+    path runs through it: its own episode and each descendant that forked after it. Leaves are
+    the group's units: A_L = GRPO over the episodes of the group (count="trajectory"; without
+    branches this is GRPO with each episode counted once). A sampled token then gets, with
+    soft, the sum of A_L over the leaves containing it (trajectory mode trains a shared token
+    once per leaf, its copies, with each leaf's advantage; here it exists once, so its gradient
+    sums the same terms) and, with hard, their mean (as trajectory mode with dedup_prefix).
+    Either way a shared turn is credited by all its descendants, not by the episode that
+    emitted it alone. dedup_prefix changes nothing: shared turns are single rows already.
+    """
+    episodes = _step_episodes(inputs)
+    per_sample, group_metrics = _grpo_per_sample(
+        inputs, GRPOParams(norm_by_std=params.norm_by_std, eps=params.eps, count="trajectory")
+    )
+    B, T = inputs.loss_mask.shape
+    total = torch.zeros(B, T, dtype=torch.float64)
+    count = torch.zeros(B, T, dtype=torch.float64)
+
+    def credit(traj: int, turn: int, hi: int, value: float) -> None:
+        """Tokens [0, hi) of `turn` as episode `traj` played it: each goes to the row that
+        sampled it, up the parent chain (turns before a fork, a token-level fork's prefix)."""
+        while hi > 0:
+            ep = episodes[traj]
+            lo_own = 0  # tokens [lo_own, hi) are this episode's own
+            if ep.parent >= 0 and turn <= ep.fork:
+                lo_own = ep.offset if turn == ep.fork else hi
+            if lo_own < hi:
+                if turn not in ep.rows:
+                    raise ValueError(
+                        f"trajectory {traj} has no sample of turn {turn}, which a branch of it shares"
+                    )
+                row = ep.rows[turn]
+                total[row, lo_own:hi] += value
+                count[row, lo_own:hi] += 1
+            hi = min(hi, lo_own)
+            traj = ep.parent
+
+    for traj, ep in episodes.items():
+        rows = list(ep.rows.values())
+        value = float(per_sample[rows].mean())  # the leaf's advantage (its rows share it)
+        for turn in sorted(set(range(ep.fork)) | set(ep.rows)):
+            credit(traj, turn, T, value)
+    token_adv = total if params.attribution == "soft" else total / count.clamp_min(1)
+    valid = inputs.loss_mask > 0
+    device = inputs.loss_mask.device
+    advantages = torch.where(valid, token_adv.float().to(device), torch.zeros(B, T, device=device))
+    metrics = _adv_metrics(advantages, inputs.loss_mask)
+    metrics.update(group_metrics)
+    shared = (count.to(device) > 1) & valid
+    metrics["adv/shared_turn_frac"] = shared.double().sum().item() / max(int(valid.sum()), 1)
+    return AdvantageOutput(advantages, None, metrics)
 
 
 # --------------------------------------------------------------------------------------------

@@ -475,6 +475,26 @@ def finalize(cfg: Config) -> None:
             f"{cfg.learner.mini_batches}: groups must stay whole in a mini-batch"
         )
     _check_named_parts(cfg)
+    from trainer.advantages import ADVANTAGES
+
+    groups = ADVANTAGES.get(cfg.algo.advantage.name).flags.get("min_group_size", 1)
+    if cfg.algo.group_size < groups:
+        raise ConfigError(
+            f"algo.group_size={cfg.algo.group_size} with algo.advantage.name={cfg.algo.advantage.name}: "
+            f"it compares each episode with the others of its task group, so a group under {groups} "
+            f"gets advantage 0 and trains on nothing. Set algo.group_size >= {groups}, or an "
+            "estimator that needs no group (gae, reinforce_plus_plus, or grpo, which gives a lone "
+            "episode its reward)"
+        )
+    branched = cfg.rollout.branch.policy != "none"
+    if branched and cfg.rollout.mode == "step" and cfg.algo.advantage.name != "grpo_tree":
+        raise ConfigError(
+            f"rollout.branch.policy={cfg.rollout.branch.policy} with rollout.mode=step and "
+            f"algo.advantage.name={cfg.algo.advantage.name}: a branch's step-wise samples hold only "
+            "its own turns, so the turns it shares with its parent would get the parent's return "
+            "alone. Set algo.advantage.name=grpo_tree (every episode that played a turn credits it), "
+            "or rollout.mode=trajectory"
+        )
     cfg.env.kwargs = {**ENV_DEFAULT_KWARGS.get(cfg.env.id, {}), **cfg.env.kwargs}
 
 

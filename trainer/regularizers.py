@@ -208,12 +208,20 @@ class EPOParams:
     # code's per-turn-index history, Href[s] = mean over all steps so far (this one included) of
     # the rollout's mean entropy at turn s, for a sample of turn s (needs rollout.mode=step).
     history: Literal["step", "turn"] = "step"
+    # "loss_mode": the term is averaged like the policy loss, with algo.aggregation.mode (the
+    # released code: token-mean over all turn-samples). "nested": the paper's Eq. 2, mean over the
+    # tokens of each turn, then over the turns of each trajectory, then over trajectories (see `epo`).
+    aggregation: Literal["loss_mode", "nested"] = "loss_mode"
 
 
 @REGULARIZERS.register(
     "epo",
     params=EPOParams,
-    needs=lambda p: {"entropy", "turn_idx"} if p.history == "turn" else {"entropy"},
+    needs=lambda p: (
+        {"entropy"}
+        | ({"turn_idx"} if p.history == "turn" else set())
+        | ({"traj_ids"} if p.aggregation == "nested" else set())
+    ),
     controller="epo",
 )
 def epo(
@@ -223,7 +231,7 @@ def epo(
     entropy_ref: float | list[float] | None = None,
     beta: float = 1.0,
 ) -> LossOutput:
-    """EPO entropy regulariser, algorithms.md §1: per-token loss -lambda (H - beta alpha P).
+    """EPO entropy regulariser (arXiv 2509.22576): per-token loss -lambda (H - beta alpha P).
 
     P = [kappa_l Href - H]_+ + [H - kappa_r Href]_+ (hinge, differentiable) or, with
     penalty="indicator", the released code's constant 1[H <= kappa_l Href or H >= kappa_r Href].
@@ -231,6 +239,17 @@ def epo(
     cumulative mean of past steps' mean entropy; None at step 0: no smoothing term) or, with
     history "turn", one value per turn index, looked up by each row's `turn_idx` (rows past
     the table's end use its last entry).
+
+    aggregation="nested" (the paper's Eq. 2): (1/B) sum_j (1/T_j) sum_t (1/|tau_jt|) sum_i l_jti.
+    A turn is a maximal run of sampled tokens of a row (a step-wise row is one turn; a
+    trajectory-mode row holds its episode's turns, split by the env tokens between them); a
+    trajectory is a `traj_ids` value (a step-wise episode's rows share it). Each token's loss is
+    weighted by N / (B T_j |tau_jt|), N the sampled tokens, B the trajectories, T_j the turns of
+    its trajectory, all counted over the rows of this call, so that the token-mean of the term
+    (algo.aggregation.mode=token-mean, as the EPO preset) is that nested mean: exact when the
+    mini-batch is one micro-batch on one rank; otherwise each micro-batch's nested mean, weighted
+    by its share of the tokens (a trajectory whose turns fall in two micro-batches counts in
+    each). The metrics stay token means (the controller's history reads entropy/mean).
     """
     entropy = _require(inputs, "entropy", "epo")
     penalty = torch.zeros_like(entropy)
@@ -247,6 +266,23 @@ def epo(
         else:
             penalty = ((entropy <= low) | (entropy >= high)).to(entropy.dtype).detach()
     loss = -params.coef * (entropy - beta * params.alpha * penalty)
+    if params.aggregation == "nested":
+        if inputs.traj_ids is None:
+            raise ValueError("epo with aggregation='nested' needs LossInputs.traj_ids")
+        valid = inputs.valid
+        B, T = valid.shape
+        starts = valid & ~torch.nn.functional.pad(valid[:, :-1], (1, 0), value=False)
+        rows = torch.arange(B, device=valid.device)[:, None].expand(B, T)
+        _, turn = torch.unique((rows * T + starts.long().cumsum(1))[valid], return_inverse=True)
+        _, traj = torch.unique(
+            inputs.traj_ids.to(valid.device)[:, None].expand(B, T)[valid], return_inverse=True
+        )
+        tokens_per_turn = torch.bincount(turn).to(entropy.dtype)
+        traj_of_turn = torch.zeros_like(tokens_per_turn, dtype=torch.long).scatter_(0, turn, traj)
+        turns_per_traj = torch.bincount(traj_of_turn).to(entropy.dtype)
+        weight = torch.zeros_like(entropy)
+        weight[valid] = valid.sum() / (len(turns_per_traj) * turns_per_traj[traj] * tokens_per_turn[turn])
+        loss = loss * weight
     metrics = {
         "entropy/mean": masked_mean(entropy, inputs.loss_mask),
         "loss/epo_penalty": masked_mean(penalty, inputs.loss_mask),
