@@ -99,6 +99,33 @@ def assert_same_gradients(a: GradientRecorder, b: GradientRecorder, rel: float =
             torch.testing.assert_close(y, x, atol=rel * scale, rtol=rel, msg=f"step {k}, tensor {i}")
 
 
+def record_full_gradients(learner) -> list[dict[str, torch.Tensor]]:
+    """Each optimizer step's whole gradient by parameter name, read just before the step with
+    DeepSpeed's `safe_get_full_grad` (which gathers a ZeRO-2/3 partitioned gradient: every rank
+    must call it, as the wrapped step does). The list grows with each optimizer step."""
+    from deepspeed.utils import safe_get_full_grad
+
+    steps: list[dict[str, torch.Tensor]] = []
+    engine, real_step = learner.engine, learner.engine.step
+
+    def step(*args, **kwargs):
+        if engine.is_gradient_accumulation_boundary():
+            grads = {name: safe_get_full_grad(p) for name, p in engine.module.named_parameters()}
+            steps.append({name: g.detach().clone().cpu() for name, g in grads.items() if g is not None})
+        return real_step(*args, **kwargs)
+
+    engine.step = step
+    return steps
+
+
+def assert_same_named_gradients(got: dict, want: dict, rel: float = 1e-4) -> None:
+    """As `assert_same_gradients`, by parameter name."""
+    assert got.keys() == want.keys() and want
+    for name, x in want.items():
+        scale = float(x.abs().max()) or 1.0
+        torch.testing.assert_close(got[name], x, atol=rel * scale, rtol=rel, msg=name)
+
+
 def distributed_batch():
     """4 samples, each with its own prompt, and non-zero advantages (no skipping)."""
     return fixed_batch(n_groups=4, group_size=1, seed=1, zero_groups=())
@@ -111,6 +138,7 @@ def main(model_dir: str, out_dir: str, splits: str, overrides: list[str]) -> Non
     from trainer.learner.deepspeed import DeepSpeedLearner
 
     learner = DeepSpeedLearner(load(None, overrides), model_dir)
+    grads = record_full_gradients(learner)
     rank, world = dist.get_rank(), dist.get_world_size()
     samples, advantages = distributed_batch()
     for k, split in enumerate(splits.split(",")):
@@ -119,6 +147,7 @@ def main(model_dir: str, out_dir: str, splits: str, overrides: list[str]) -> Non
         params = {name: w.clone() for name, w in learner.named_weights()}
         if rank == 0:
             torch.save(params, Path(out_dir) / f"params_{k}.pt")
+            torch.save(grads[-1], Path(out_dir) / f"grads_{k}.pt")
     (Path(out_dir) / f"done_{rank}").write_text("ok")
     dist.barrier()
     dist.destroy_process_group()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.trainer.learner_worker import fixed_batch
+from tests.trainer.learner_worker import GradientRecorder, assert_same_gradients, fixed_batch
 from trainer.config import load
 from trainer.value import clipped_value_loss, explained_variance
 
@@ -78,10 +78,14 @@ def test_critic_update_ignores_micro_batching(critic_factory):
     returns = [torch.tensor(s.loss_mask, dtype=torch.float) * (1.0 + s.group_id) for s in samples]
     whole = critic_factory("learner.micro_batch_tokens=4096")
     split = critic_factory("learner.micro_batch_tokens=16")  # one prompt group per micro-batch
+    recorded = []
     for critic in (whole, split):
-        critic.update(samples, returns, critic.values(samples))
-    for a, b in zip(whole.values(samples), split.values(samples), strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        with GradientRecorder() as grads:
+            critic.update(samples, returns, critic.values(samples))
+        recorded.append(grads)
+    # the same gradient at the optimizer step (not the values after AdamW at lr 1e-2, whose first
+    # step is lr * sign(g) and flips on near-zero entries with the summation order)
+    assert_same_gradients(*recorded)
 
 
 def test_critic_fits_per_prompt_returns(critic_factory):
