@@ -13,7 +13,7 @@ Gradient-accumulation invariance: pass `num_tokens` / `num_seqs` counted over th
 mini-batch (all micro-batches, all ranks; see `count_tokens_and_seqs`). Then the sum of the
 micro-batch results equals the full-batch loss, and each micro-batch's backward can simply be
 accumulated (with data parallelism that averages gradients, multiply by the world size, as
-verl's `agg_loss` does with `dp_size`; the learner does it in `trainer/learner/deepspeed.py`).
+verl's `agg_loss` does with `dp_size`; the learner does it in `trainer/learner/common.py` `accumulate_gradients`).
 Left at None they default to the local counts of the given matrix. Rows with no sampled token
 never count as sequences. token-sum needs no count: a sum of micro-batch sums is the batch sum.
 
@@ -78,7 +78,8 @@ def token_mean(
 def token_sum(
     per_token_loss: Tensor, loss_mask: Tensor, *, num_tokens=None, num_seqs=None, params=None
 ) -> Tensor:
-    """sum_{i,t} m l, divided by nothing: verl's `token-sum` (core_algos `agg_loss`).
+    """sum_{i,t} m l, divided by nothing: verl's `token-sum` (core_algos `agg_loss`; verl is
+    HybridFlow, arXiv 2409.19256). No paper of its own.
 
     Every token weighs the same and the loss grows with the number of tokens in the mini-batch,
     so the step size scales with the batch's token count (pick the learning rate for it).
@@ -95,7 +96,8 @@ def token_sum(
 def seq_mean_token_sum(
     per_token_loss: Tensor, loss_mask: Tensor, *, num_tokens=None, num_seqs=None, params=None
 ) -> Tensor:
-    """mean over sequences of sum_t m l (longer sequences weigh more)."""
+    """mean over sequences of sum_t m l (longer sequences weigh more): verl's `seq-mean-token-sum`
+    (HybridFlow, arXiv 2409.19256); no paper of its own."""
     if num_seqs is None:
         num_seqs = _local_seqs(loss_mask)
     return _masked(per_token_loss, loss_mask).sum() / _at_least_one(num_seqs)

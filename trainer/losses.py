@@ -10,16 +10,20 @@ reduces and logs them.
 Each registered entry declares the optional inputs it reads in `needs` (any of "entropy",
 "clamped_entropy", "top_p_entropy", "ref_logprobs", "rollout_logprobs", "traj_ids",
 "reinforce_mask", "turn_idx"), so the learner computes entropy whenever any configured term needs it
-(algorithms.md §8.1).
+(not only when an entropy bonus is configured).
 
 Two registries: `POLICY_LOSSES` (called as `fn(inputs)`, or `fn(inputs, **controller.loss_kwargs())`
 for a loss with a `controller` flag such as BAPO) and `TOKEN_WEIGHTS` (STEER), which maps
 `LossInputs` to `token_weights` that any loss then applies. Regularisers (entropy bonus, KL, AEnt,
-EPO, SIREN, ...) take the same `LossInputs` and live in `trainer/regularizers.py`; the learner
-aggregates each term and sums the scalars. `forking_token_mask` is the 80/20 token selection.
-The math of each variant is in research/algorithms.md (section cited per function).
+EPO, SIREN, ...) take the same `LossInputs` and live in `trainer/regularizers.py`; the objective
+(`trainer/objective.py`) aggregates each term and sums the scalars. Flags it reads:
+`zero_at_zero_advantage` (samples whose advantages are all 0 can be skipped) and `reduce_metrics`
+(metric key prefixes that are sums or maxima, not token means). `forking_token_mask` is the
+80/20 token selection.
+Each variant's docstring cites its paper by arXiv id and says where it departs from the paper or
+the released code.
 
-Batch statistics (algorithms.md §8 item 2): Clip-Cov, KL-Cov, AEPO, HAPO and STEER read statistics
+Batch statistics: Clip-Cov, KL-Cov, AEPO, HAPO and STEER read statistics
 of the batch they are given (means, a std, a quantile, a max, a top-k). By default that is the
 call's own tokens, one micro-batch, as the reference codes. For scope "global" the learner gathers
 the valid tokens of the whole mini-batch on all ranks into a `TokenBatch`, computes the statistics
@@ -58,14 +62,14 @@ class LossInputs:
     rollout_logprobs: log-probs reported by the inference engine (off-policy correction).
     ref_logprobs:     log-probs of the frozen reference policy (KL terms).
     entropy:          H_t of the current policy (differentiable when a loss uses its gradient).
-    clamped_entropy:  AEnt clamped entropy of the current policy (algorithms.md §5).
+    clamped_entropy:  AEnt clamped entropy of the current policy (arXiv 2509.03493).
     token_weights:    per-token multipliers applied to the loss; set by a `TOKEN_WEIGHTS` hook
                       (STEER) via `with_token_weights`.
     traj_ids:         [B] long, episode id of each row (nested means over turns).
     top_p_entropy:    SIREN nucleus entropy H^p_t of the current policy (`top_p_entropy_from_logits`,
-                      algorithms.md §7.3); differentiable.
+                      arXiv 2509.25133); differentiable.
     reinforce_mask:   1 on tokens of the extra temperature-switched samples of Arbitrary-Entropy
-                      PO (algorithms.md §7.9), produced by the rollout hook in `trainer/sampling.py`.
+                      PO (arXiv 2510.08141), produced by the rollout hook in `trainer/sampling.py`.
     turn_idx:         [B] long, step-wise samples: the turn of its episode each row is (EPO's
                       per-turn entropy history, the released code's mode).
     """
@@ -129,7 +133,7 @@ def masked_mean(values: Tensor, loss_mask: Tensor) -> Tensor:
 
 
 def _log_ratio(inputs: LossInputs, clamp: float) -> Tensor:
-    """log(pi_theta / pi_old), clamped to [-clamp, clamp] and 0 at masked positions (§0)."""
+    """log(pi_theta / pi_old), clamped to [-clamp, clamp] and 0 at masked positions (verl's clamp)."""
     log_ratio = (inputs.logprobs - inputs.old_logprobs).clamp(-clamp, clamp)
     return torch.where(inputs.valid, log_ratio, torch.zeros_like(log_ratio))
 
@@ -169,7 +173,8 @@ def _clipped_surrogate(
 
 
 def _dual_clip(loss: Tensor, advantages: Tensor, dual_clip: float | None) -> tuple[Tensor, Tensor]:
-    """For A < 0 cap the loss at -A * c (§0); returns the new loss and where the cap binds."""
+    """For A < 0 cap the loss at -A * c (dual clip, arXiv 1912.09729); returns the new loss and
+    where the cap binds."""
     if dual_clip is None:
         return loss, torch.zeros_like(loss, dtype=torch.bool)
     cap = -advantages * dual_clip
@@ -178,7 +183,7 @@ def _dual_clip(loss: Tensor, advantages: Tensor, dual_clip: float | None) -> tup
 
 
 # --------------------------------------------------------------------------------------------
-# Batch statistics and their scope (algorithms.md §8 item 2)
+# Batch statistics and their scope
 
 
 @dataclass
@@ -324,9 +329,9 @@ class PPOClipParams:
             raise ValueError(f"dual_clip must be > 1 (or None), got {self.dual_clip}")
 
 
-@POLICY_LOSSES.register("ppo_clip", params=PPOClipParams)
+@POLICY_LOSSES.register("ppo_clip", params=PPOClipParams, zero_at_zero_advantage=True)
 def ppo_clip(inputs: LossInputs, params: PPOClipParams) -> LossOutput:
-    """Clipped PPO surrogate with dual clip, algorithms.md §0 (verl "vanilla").
+    """Clipped PPO surrogate, arXiv 1707.06347 Eq. 7, with the dual clip of arXiv 1912.09729 (verl "vanilla").
 
     l_t = max(-A r, -A clip(r, 1-eps_l, 1+eps_h)); for A < 0: l_t = min(l_t, -A c).
     r = exp(clamp(logp - old_logp, -20, 20)). Gradient is zero wherever a clip binds.
@@ -353,9 +358,11 @@ class GSPOParams:
     log_ratio_clamp: float = 10.0  # upper clamp on log s_{i,t}
 
 
-@POLICY_LOSSES.register("gspo", params=GSPOParams, aggregation="seq-mean-token-mean")
+@POLICY_LOSSES.register(
+    "gspo", params=GSPOParams, aggregation="seq-mean-token-mean", zero_at_zero_advantage=True
+)
 def gspo(inputs: LossInputs, params: GSPOParams) -> LossOutput:
-    """GSPO, algorithms.md §6.7. Aggregate with seq-mean-token-mean (flag `aggregation`).
+    """GSPO, arXiv 2507.18071. Aggregate with seq-mean-token-mean (flag `aggregation`).
 
     s_i = exp(mean_t log(pi_theta / pi_old)) over the sampled tokens of row i;
     s_{i,t} = sg(s_i) * pi_theta(y_t) / sg(pi_theta(y_t)): forward = s_i, gradient s_i grad log pi.
@@ -381,12 +388,14 @@ def gspo(inputs: LossInputs, params: GSPOParams) -> LossOutput:
 
 
 def _centred_product(advantages: Tensor, logprobs: Tensor, adv_mean: Tensor, lp_mean: Tensor) -> Tensor:
-    """Cov_t = (A_t - mean A) (log pi_t - mean log pi), elementwise, given the centring means (§3)."""
+    """Cov_t = (A_t - mean A) (log pi_t - mean log pi), elementwise, given the centring means
+    (arXiv 2505.22617)."""
     return (advantages - adv_mean) * (logprobs - lp_mean)
 
 
 def _covariance(inputs: LossInputs, advantages: Tensor) -> Tensor:
-    """Cov_t centred on this call's valid tokens (scope micro-batch), detached, 0 where masked (§3)."""
+    """Cov_t centred on this call's valid tokens (scope micro-batch), detached, 0 where masked
+    (arXiv 2505.22617)."""
     logprobs = torch.where(inputs.valid, inputs.logprobs.detach(), torch.zeros_like(advantages))
     means = masked_mean(advantages, inputs.loss_mask), masked_mean(logprobs, inputs.loss_mask)
     return torch.where(
@@ -417,7 +426,7 @@ def _clip_cov_candidates(
     means: tuple[Tensor, Tensor],
     params: ClipCovParams,
 ) -> Tensor:
-    """Tokens Clip-Cov may drop (§3 steps 1-2): PPO does not clip them and lb < Cov < ub.
+    """Tokens Clip-Cov may drop (arXiv 2505.22617): PPO does not clip them and lb < Cov < ub.
 
     Elementwise, any shape; `means` = (mean A, mean log pi). Shared by the global companion and
     the loss, so both find the same candidates.
@@ -431,7 +440,7 @@ def _clip_cov_candidates(
 
 @_batch_statistic()
 def clip_cov_batch_stats(tokens: TokenBatch, params: ClipCovParams) -> BatchStats:
-    """Clip-Cov's statistics over a whole mini-batch (algorithms.md §3, scope global); see `clip_cov`.
+    """Clip-Cov's statistics over a whole mini-batch (arXiv 2505.22617, scope global); see `clip_cov`.
 
     advantage_mean, logprob_mean: the centring means of Cov (dtype of the tokens);
     num_candidates: M, the candidates of the mini-batch; num_drop: n = max(1, floor(rho N)) with
@@ -482,7 +491,7 @@ def _clip_cov_global_drop(
 def clip_cov(
     inputs: LossInputs, params: ClipCovParams, *, batch_stats: BatchStats | None = None
 ) -> LossOutput:
-    """Clip-Cov, algorithms.md §3: drop the loss of a random subset of high-covariance tokens.
+    """Clip-Cov, arXiv 2505.22617: drop the loss of a random subset of high-covariance tokens.
 
     Candidates: valid tokens not already clipped by PPO with lb < Cov < ub. Pick
     n = max(1, floor(rho * N_valid)) of them uniformly at random (torch's global RNG: seed it)
@@ -528,7 +537,7 @@ class KLCovParams:
 
 @_batch_statistic()
 def kl_cov_batch_stats(tokens: TokenBatch, params: KLCovParams) -> BatchStats:
-    """KL-Cov's statistics over a whole mini-batch (algorithms.md §3, scope global); see `kl_cov`.
+    """KL-Cov's statistics over a whole mini-batch (arXiv 2505.22617, scope global); see `kl_cov`.
 
     advantage_mean, logprob_mean: the centring means of Cov; cov_threshold: the k-th largest
     Cov, k = max(1, floor(rho N)) with the global N (+inf without tokens). Dtype of the tokens.
@@ -566,7 +575,7 @@ def _kl_cov_over_threshold(inputs: LossInputs, advantages: Tensor, batch_stats: 
 
 @POLICY_LOSSES.register("kl_cov", params=KLCovParams, batch_stats=kl_cov_batch_stats)
 def kl_cov(inputs: LossInputs, params: KLCovParams, *, batch_stats: BatchStats | None = None) -> LossOutput:
-    """KL-Cov, algorithms.md §3: -A r everywhere, + beta |log r| on the top-k Cov tokens.
+    """KL-Cov, arXiv 2505.22617: -A r everywhere, + beta |log r| on the top-k Cov tokens.
 
     k = max(1, floor(rho * N_valid)) largest covariances among valid tokens; no ratio clipping.
     batch_stats=None (scope micro-batch, the reference): means, N and top-k are this call's.
@@ -611,7 +620,7 @@ def _entropy_std(valid_entropy: Tensor) -> Tensor:
 
 @_batch_statistic(needs={"entropy"}, active=lambda params: params.entropy_adv_coef != 0)
 def aepo_batch_stats(tokens: TokenBatch, params: AEPOParams) -> BatchStats:
-    """AEPO's entropy z-score statistics over a whole mini-batch (algorithms.md §2c, scope global).
+    """AEPO's entropy z-score statistics over a whole mini-batch (arXiv 2510.14545, scope global).
 
     entropy_mean and entropy_std (unbiased, 0 for < 2 tokens; the loss maps 0 to 1) of the
     current entropy over the mini-batch's valid tokens; `aepo` with these uses z over the
@@ -642,7 +651,7 @@ def _aepo_entropy_z(inputs: LossInputs, batch_stats: BatchStats | None) -> Tenso
     batch_stats=aepo_batch_stats,
 )
 def aepo(inputs: LossInputs, params: AEPOParams, *, batch_stats: BatchStats | None = None) -> LossOutput:
-    """AEPO entropy-balanced policy optimisation (loss part), algorithms.md §2c.
+    """AEPO entropy-balanced policy optimisation (loss part), arXiv 2510.14545.
 
     Upper clip bound (1+eps_h) r / sg(r): forward equals PPO, but a positive-advantage token
     above the bound keeps the gradient (1+eps_h) A grad log pi. Advantage is made entropy-aware:
@@ -691,7 +700,7 @@ class CEGPPOParams:
 
 @POLICY_LOSSES.register("ce_gppo", params=CEGPPOParams)
 def ce_gppo(inputs: LossInputs, params: CEGPPOParams) -> LossOutput:
-    """CE-GPPO gradient-preserving clipping, algorithms.md §7.8.
+    """CE-GPPO gradient-preserving clipping, arXiv 2509.20712.
 
     A < 0, r < 1-eps_l: l = -beta1 (1-eps_l) (r / sg(r)) A  -> gradient -beta1 (1-eps_l) A grad log pi;
     A > 0, r > 1+eps_h: l = -beta2 (1+eps_h) (r / sg(r)) A  -> gradient -beta2 (1+eps_h) A grad log pi;
@@ -777,7 +786,7 @@ def bapo_contributions(
 
 
 def bapo_search(neg: Tensor, pos: Tensor, params: BAPOParams) -> tuple[float, float]:
-    """BAPO bound search, algorithms.md §7.4, on grid sums from `bapo_contributions`.
+    """BAPO bound search, arXiv 2510.18927, on grid sums from `bapo_contributions`.
 
     From (c_low, c_high) = (low_start, high_start): raise c_low one step at a time while
     P/N < target and c_low < low_max; then raise c_high likewise. N = 0 counts as balanced.
@@ -796,11 +805,11 @@ def bapo_search(neg: Tensor, pos: Tensor, params: BAPOParams) -> tuple[float, fl
     return lows[i], highs[j]
 
 
-@POLICY_LOSSES.register("bapo", params=BAPOParams, controller="bapo")
+@POLICY_LOSSES.register("bapo", params=BAPOParams, controller="bapo", reduce_metrics={"bapo/": "sum"})
 def bapo(
     inputs: LossInputs, params: BAPOParams, *, clip_bounds: tuple[float, float] | None = None
 ) -> LossOutput:
-    """BAPO, algorithms.md §7.4: PPO with clip(r, c_low, c_high) and dual clip, bounds adapted
+    """BAPO, arXiv 2510.18927: PPO with clip(r, c_low, c_high) and dual clip, bounds adapted
     so that positive-advantage tokens weigh at least `target` times the negative ones.
 
     scope="batch": bounds are searched on this call's tokens (micro-batch; the reference
@@ -841,7 +850,7 @@ def hapo_entropy_signal(
     *,
     batch_stats: BatchStats | None = None,
 ) -> Tensor:
-    """HAPO's normalised entropy h in [-1, 1], algorithms.md §7.6; [B, T], 0 at masked tokens.
+    """HAPO's normalised entropy h in [-1, 1], arXiv 2509.16591; [B, T], 0 at masked tokens.
 
     d = log H - q-quantile(log H) over this batch's valid tokens (linear interpolation);
     h = d / max(d) where d > 0, d / |min(d)| where d < 0. (The paper's division by the RMS
@@ -885,7 +894,7 @@ class HAPOParams:
 
 @_batch_statistic(needs={"entropy"})
 def hapo_batch_stats(tokens: TokenBatch, params: HAPOParams) -> BatchStats:
-    """HAPO's entropy statistics over a whole mini-batch (algorithms.md §7.6, scope global).
+    """HAPO's entropy statistics over a whole mini-batch (arXiv 2509.16591, scope global).
 
     log_entropy_pivot: the entropy_pivot-quantile of log H (linear interpolation, as
     torch.quantile); deviation_max, deviation_min: max and min of d = log H - pivot. All over
@@ -902,7 +911,7 @@ def hapo_batch_stats(tokens: TokenBatch, params: HAPOParams) -> BatchStats:
 
 @POLICY_LOSSES.register("hapo", params=HAPOParams, needs={"entropy"}, batch_stats=hapo_batch_stats)
 def hapo(inputs: LossInputs, params: HAPOParams, *, batch_stats: BatchStats | None = None) -> LossOutput:
-    """HAPO loss, algorithms.md §7.6 (pair with advantage "hapo" for the token-level group mean).
+    """HAPO loss, arXiv 2509.16591 (pair with advantage "hapo" for the token-level group mean).
 
     h = `hapo_entropy_signal` of the current entropy. High-entropy tokens (h > 0) get a wider
     upper bound eps_h (1 + alpha h), low-entropy ones (h <= 0) a wider lower bound
@@ -965,14 +974,14 @@ class STEERParams:
 
 
 def _steer_omega(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, entropy: Tensor) -> Tensor:
-    """Omega_t = (A_t / pi_old) pi (1 - pi) (log pi + H_t), elementwise (algorithms.md §7.5)."""
+    """Omega_t = (A_t / pi_old) pi (1 - pi) (log pi + H_t), elementwise (STEER, arXiv 2510.10150)."""
     prob = logprobs.exp()
     return (advantages * torch.exp(-old_logprobs)) * prob * (1 - prob) * (logprobs + entropy)
 
 
 @_batch_statistic(needs={"entropy"})
 def steer_batch_stats(tokens: TokenBatch, params: STEERParams) -> BatchStats:
-    """STEER's normalisers over a whole mini-batch (algorithms.md §7.5, scope global).
+    """STEER's normalisers over a whole mini-batch (arXiv 2510.10150, scope global).
 
     omega_max, omega_min: max and min of |Omega| over the mini-batch's valid tokens (0 without
     tokens); the exponential map uses the max (kappa), the linear one both.
@@ -990,7 +999,7 @@ def steer_batch_stats(tokens: TokenBatch, params: STEERParams) -> BatchStats:
 def steer(
     inputs: LossInputs, params: STEERParams, *, batch_stats: BatchStats | None = None
 ) -> TokenWeightOutput:
-    """STEER token reweighting, algorithms.md §7.5: down-weight tokens whose update would move
+    """STEER token reweighting, arXiv 2510.10150: down-weight tokens whose update would move
     the entropy most.
 
     Omega_t = (A_t / pi_old) pi (1 - pi) (log pi + H_t), detached, over this batch's valid tokens.
@@ -1034,11 +1043,11 @@ def steer(
 def forking_token_mask(
     entropy: Tensor, loss_mask: Tensor, top_ratio: float = 0.2, *, threshold: float | Tensor | None = None
 ) -> Tensor:
-    """Keep only the highest-entropy "forking" tokens, algorithms.md §4. Returns [B, T] in {0, 1}.
+    """Keep only the highest-entropy "forking" tokens, arXiv 2506.01939. Returns [B, T] in {0, 1}.
 
     Default: the top k = max(1, ceil(top_ratio * N_valid)) valid tokens of this batch by entropy
     (ties arbitrary, as torch.topk). With `threshold` (e.g. a quantile gathered over the whole
-    mini-batch, §8.2 scope=global) keep valid tokens with entropy >= threshold instead.
+    mini-batch, scope=global) keep valid tokens with entropy >= threshold instead.
     Use the result as `loss_mask` of the policy loss AND of its aggregation (token-mean then
     divides by the selected count); KL/entropy regularisers keep the full loss_mask.
     """

@@ -154,7 +154,8 @@ def test_loading_an_incomplete_checkpoint_fails_clearly(tmp_path):
 def test_repeated_nan_losses_stop_the_run_with_a_checkpoint(make_trainer, tmp_path):
     from trainer.loop import NonFiniteLoss
 
-    run = make_trainer(tmp_path / "nan", "train.save_every=0", "train.max_nonfinite_steps=2")
+    # one optimizer step per RL step (the EPO preset takes 2): one skipped update per step
+    run = make_trainer(tmp_path / "nan", "train.save_every=0", "train.max_nonfinite_steps=2", "learner.mini_batches=1")
     original = run.learner._token_stats
 
     def poisoned(*args, **kwargs):

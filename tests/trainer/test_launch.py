@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.learner.deepspeed import shm_buffer_path
+from trainer.learner.common import shm_buffer_path
 
 ROOT = Path(__file__).resolve().parents[2]
 

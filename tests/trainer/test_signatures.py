@@ -129,6 +129,8 @@ def test_every_token_weighting(name):
 @pytest.mark.parametrize("name", ADVANTAGES.names())
 def test_every_advantage_estimator(name):
     inputs = _adv_inputs()
+    if name == "grpo_tree":  # these fork positions describe whole-episode rows (trajectory mode);
+        inputs = dataclasses.replace(inputs, turn_idx=None)  # step-mode trees: test_credit.py
     out = ADVANTAGES.build(name)(inputs)
     _check_matrix(out.advantages, inputs.loss_mask, name)
     for extra in (out.returns, out.loss_mask):

@@ -1,6 +1,7 @@
 """The critic of PPO with GAE: a scalar value head on its own copy of the backbone, in its own
 DeepSpeed engine (same ZeRO stage as the policy), trained on the GAE returns with the clipped
-value loss (`trainer/value.py`, algorithms.md §6.6).
+value loss (`trainer/value.py`; GAE: arXiv:1506.02438, PPO: arXiv:1707.06347). Its optimizer
+steps run through the policy learner's gradient accumulation (`common.accumulate_gradients`).
 
 It reuses the policy learner's micro-batches (`trainer/batch.py`): V_t is read at the position
 whose logits predict sampled token t (the state the token was chosen in), for sampled tokens
@@ -9,7 +10,6 @@ only, so env/tool tokens of a multi-turn episode get no value and GAE skips them
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
 
@@ -20,7 +20,15 @@ from agents.types import Trajectory
 from trainer.batch import MicroBatch, make_micro_batch, plan_by_prompt
 from trainer.config import Config
 from trainer.device import max_over_ranks, resolve_device, sum_over_ranks
-from trainer.learner.deepspeed import _global_counts, _grad_norm, _rows, _split, ds_config, init_distributed
+from trainer.learner.common import (
+    accumulate_gradients,
+    ds_config,
+    dummy_micro_batch,
+    global_counts,
+    init_distributed,
+    sample_rows,
+    split,
+)
 from trainer.value import clipped_value_loss, explained_variance
 
 
@@ -74,7 +82,7 @@ class DeepSpeedCritic:
         micros = self._micro_batches(samples, [torch.zeros(len(s.response_ids)) for s in samples])
         for k in range(max_over_ranks(len(micros))):  # same forwards everywhere (ZeRO-3 gathers)
             if k >= len(micros):
-                self.engine(_dummy_micro().to(self.device))
+                self.engine(dummy_micro_batch().to(self.device))
                 continue
             micro = micros[k]
             rows = micro.scatter(self.engine(micro))
@@ -90,7 +98,7 @@ class DeepSpeedCritic:
         started = time.perf_counter()
         totals: dict[str, float] = defaultdict(float)
         for _ in range(self.cfg.learner.epochs):
-            for index in _split(len(samples), self.cfg.learner.mini_batches):
+            for index in split(len(samples), self.cfg.learner.mini_batches):
                 self._mini_batch_step(
                     [samples[i] for i in index],
                     [returns[i] for i in index],
@@ -114,25 +122,24 @@ class DeepSpeedCritic:
         old_values: list[Tensor],
         totals: dict[str, float],
     ) -> None:
-        num_tokens, _ = _global_counts(samples)
+        num_tokens, _ = global_counts(samples)
         micros = self._micro_batches(samples, returns)
         n_micro = max_over_ranks(len(micros))
         if n_micro == 0:
             return
-        world = torch.distributed.get_world_size()
         sums = torch.zeros(4, dtype=torch.float64)  # loss, clip_frac * n, values * n, n
-        for k in range(n_micro):
-            self.engine.set_gradient_accumulation_boundary(k == n_micro - 1)
-            if k < len(micros):
-                micro = micros[k]
-                values = micro.scatter(self.engine(micro))
-                old = _rows(old_values, micro)
-                per_token, stats = clipped_value_loss(
-                    values, old, micro.advantages, micro.loss_mask, self.cfg.critic.value_clip
-                )
-                loss = per_token.sum() / max(num_tokens, 1)
-                n = float(micro.loss_mask.sum())
-                sums += torch.tensor(
+
+        def loss_of(k: int) -> Tensor:
+            micro = micros[k]
+            values = micro.scatter(self.engine(micro))
+            old = sample_rows(old_values, micro)
+            per_token, stats = clipped_value_loss(
+                values, old, micro.advantages, micro.loss_mask, self.cfg.critic.value_clip
+            )
+            loss = per_token.sum() / max(num_tokens, 1)
+            n = float(micro.loss_mask.sum())
+            sums.add_(
+                torch.tensor(
                     [
                         float(loss.detach()),
                         float(stats["critic/clip_frac"]) * n,
@@ -141,17 +148,23 @@ class DeepSpeedCritic:
                     ],
                     dtype=torch.float64,
                 )
-            else:  # fewer micro-batches here: a zero loss keeps the collectives aligned
-                loss = self.engine(_dummy_micro().to(self.device)).sum() * 0.0
-            # DeepSpeed averages gradients over ranks; the global token count already normalises
-            self.engine.backward(loss * world)
-            if k == n_micro - 1:
-                norm = _grad_norm(self.engine.module) if self.cfg.learner.zero_stage == 0 else None
-                if norm is not None and not math.isfinite(norm):
-                    self.engine.module.zero_grad(set_to_none=True)
-                    totals["critic/nonfinite_steps"] += 1
-                    continue
-            self.engine.step()
+            )
+            return loss
+
+        def dummy_loss() -> Tensor:  # fewer micro-batches here: a zero loss keeps the collectives aligned
+            return self.engine(dummy_micro_batch().to(self.device)).sum() * 0.0
+
+        step = accumulate_gradients(
+            self.engine,
+            len(micros),
+            n_micro,
+            loss_of,
+            dummy_loss,
+            world_size=torch.distributed.get_world_size(),
+            zero_stage=self.cfg.learner.zero_stage,
+        )
+        if step.dropped:
+            totals["critic/nonfinite_steps"] += 1
         sums = sum_over_ranks(sums)
         totals["loss/critic"] += float(sums[0])
         totals["critic/clip_frac"] += float(sums[1] / max(sums[3], 1.0))
@@ -168,8 +181,3 @@ class DeepSpeedCritic:
             make_micro_batch(samples, targets, idx, learner.packing, learner.share_prefix).to(self.device)
             for idx in plan
         ]
-
-
-def _dummy_micro() -> MicroBatch:
-    sample = Trajectory([0], [0], [1], [0.0], [0.0], 0.0, 0, 0)
-    return make_micro_batch([sample], [torch.zeros(1)], [0])
