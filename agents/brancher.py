@@ -3,7 +3,8 @@
 No engine, no env: functions of entropies, budgets and branch history, with randomness drawn
 from an explicit `random.Random`. The rollout loop (agents/rollout.py) executes what they decide.
 
-Policies (algorithms.md §2, §7.1, §7.7):
+Policies (ARPO arXiv 2507.19849, AEPO arXiv 2510.14545, CURE arXiv 2508.11016, ETTRL's ETMR
+arXiv 2508.11356):
 - `none`:  flat sampling, every episode a root (the baseline).
 - `arpo`:  after each env/tool step, a path whose step entropy rose against its first turn's
            branches with probability clip(tau + w * dH, 0, 1), up to beam - 1 copies per round,
@@ -69,12 +70,14 @@ def step_entropy(entropies: list[float], window: int) -> float:
 
 
 def arpo_probability(delta_h: float, tau: float, weight: float) -> float:
-    """ARPO code: q = clip(U - w dH, 0, 1), branch iff q <= tau  =>  P = clip(tau + w dH, 0, 1)."""
+    """ARPO (arXiv 2507.19849), released code: q = clip(U - w dH, 0, 1), branch iff q <= tau
+    =>  P = clip(tau + w dH, 0, 1)."""
     return min(max(tau + weight * delta_h, 0.0), 1.0)
 
 
 def aepo_probability(delta_h: float, tau: float, weight: float, consecutive: int, penalty: float) -> float:
-    """AEPO code: q = clip((U + w dH) f, 0, 1), branch iff q >= tau, f = max(0, 1 - penalty l)
+    """AEPO (arXiv 2510.14545), released code: q = clip((U + w dH) f, 0, 1), branch iff q >= tau,
+    f = max(0, 1 - penalty l)
     =>  P = clip(1 - tau / f + w dH, 0, 1), and 0 once f = 0."""
     f = max(0.0, 1.0 - penalty * consecutive)
     if f == 0.0:
@@ -83,7 +86,8 @@ def aepo_probability(delta_h: float, tau: float, weight: float, consecutive: int
 
 
 def premonitor_roots(budget: int, h_root: float, h_tool: float, beta: float) -> int:
-    """AEPO pre-monitoring: m = clamp(floor(k sigmoid(beta (H_root - H_tool))) + 1, 1, k)."""
+    """AEPO pre-monitoring (arXiv 2510.14545):
+    m = clamp(floor(k sigmoid(beta (H_root - H_tool))) + 1, 1, k)."""
     sigmoid = 1.0 / (1.0 + math.exp(-beta * (h_root - h_tool)))
     return min(max(math.floor(budget * sigmoid) + 1, 1), budget)
 
@@ -128,7 +132,8 @@ class GroupState:
 def decide_turn_branches(
     paths: list[PathView], state: GroupState, cfg: BranchConfig, rng: random.Random
 ) -> dict[int, int]:
-    """{path_id: copies to fork now} for one round of one group; updates `state`.
+    """{path_id: copies to fork now} for one round of one group; updates `state`. Policies "arpo"
+    (arXiv 2507.19849) and "aepo" (arXiv 2510.14545); see the module docstring for departures.
 
     Each eligible path gets up to beam - 1 independent draws, stopped by the budget. Paths are
     visited in the given order; the draws happen whether or not budget is left, so the random
@@ -167,8 +172,9 @@ def token_fork_points(
 ) -> list[int]:
     """Positions of a finished response to fork at (the fork token is re-sampled, so the
     continuation conditions on tokens [0, position)). Ineligible tokens (special tokens, tokens
-    of <= 1 visible character, env/tool tokens) never count. CURE: `forks` distinct positions
-    drawn uniformly among the top-K eligible entropies; ETMR ("top"): the `forks` highest."""
+    of <= 1 visible character, env/tool tokens) never count. CURE (arXiv 2508.11016): `forks`
+    distinct positions drawn uniformly among the top-K eligible entropies; ETMR ("top", ETTRL,
+    arXiv 2508.11356): the `forks` highest."""
     candidates = [i for i, ok in enumerate(eligible) if ok and i < len(entropies)]
     if not candidates:
         return []

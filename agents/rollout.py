@@ -249,7 +249,7 @@ class Rollout:
         return self._start(tasks, first_id=len(episodes)) if tasks else []
 
     def _premonitor(self, tasks: list[Task], params: SamplingParams, seed: int | None, timings: Counter) -> dict[int, int]:
-        """AEPO pre-monitoring (algorithms.md §2b): one probe episode per group, played whole and
+        """AEPO pre-monitoring (arXiv 2510.14545): one probe episode per group, played whole and
         not trained on; H_root = step entropy of its first turn, H_tool = the mean over all its
         turns (the first included); the group starts m = clamp(floor(k sigmoid(beta (H_root -
         H_tool))) + 1, 1, k) roots and keeps k - m for branches. {group_id: m}."""

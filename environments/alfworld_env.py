@@ -3,9 +3,9 @@
 `AlfWorldEnv` plays one `game.tw-pddl` file per episode (`reset(options={"game_file": path})`)
 through textworld's `PddlEnv`, with entity names demangled the way ALFWorld does it
 ("drawer 5", "sinkbasin 1"). It never calls the planner: the walkthrough is the one stored in the
-game file. The env applies the memoisation of `environments.pddl_speedup` (research/
-environments.md §1.4): measured on 10 valid_seen games (CPU time, median), a step costs 22 ms
-(79 ms stock), a reset of the loaded game 41 ms (0.57 s), loading a new game + reset 0.6 s (1.5 s).
+game file. The env applies the memoisation of `environments.pddl_speedup`: measured on 10
+valid_seen games (CPU time, median), a step costs 22 ms (79 ms stock), a reset of the
+loaded game 41 ms (0.57 s), loading a new game + reset 0.6 s (1.5 s).
 One process can hold many envs, but textworld's PDDL backend is not thread-safe: one thread.
 
 `task_options(seeds, level)` lists the games of a split (official data or generated,

@@ -29,7 +29,7 @@ Draws that do not fit (no compatible pair, planner finds no plan) move on to the
 missing ones in worker processes; games are cached under `$ENTRORL_CACHE/alfworld-gen` (default
 ~/.cache/entrorl/alfworld-gen), each written to a private folder and renamed into place.
 
-Differences from the official games (research/environments.md §1.3): placements are random over
+Differences from the official games (ALFWorld, arXiv 2010.03768): placements are random over
 compatible receptacles (not THOR physics), no scenery objects (paintings, windows), stove
 burners / coffee machines / toasters get made-up positions.
 """

@@ -2,8 +2,7 @@
 
 Stock `textworld.envs.pddl.PddlEnv` spends ~90 % of a step re-parsing the same grammar snippets
 with TatSu: every admissible command and every feedback message is rendered by parsing its
-template again (research/environments.md §1.4). `apply()` memoises the three pure functions that
-do the repeated work:
+template again. `apply()` memoises the three pure functions that do the repeated work:
 
 - `textworld.envs.pddl.textgen._parse_and_convert(text, rule_name=...)`: grammar text -> symbol
   list, keyed by (text, rule_name). Callers set `context` on the symbols they get, so every call

@@ -6,7 +6,8 @@ wherever `loss_mask == 0` (env/tool/padding tokens never carry an advantage).
 
 Samples, groups and trajectories: `group_ids` ties samples of the same task and initial state;
 `traj_ids` ties the samples of one episode (several of them in step-wise mode, one per turn).
-The math and the reference behaviour of each estimator are in research/algorithms.md §6.
+Each estimator's docstring cites its paper by arXiv id and says where it departs from the paper
+or the reference code (verl, verl-agent).
 
 This module knows nothing about models, configs or distribution: statistics are over the batch
 it is given, so the caller passes whole groups (DESIGN: groups stay whole on one rank).
@@ -213,7 +214,7 @@ def _rewards_on_sampled_tokens(inputs: AdvantageInputs) -> Tensor:
 
 @dataclass(frozen=True)
 class GRPOParams:
-    norm_by_std: bool = True  # False = Dr.GRPO (algorithms.md §6.2)
+    norm_by_std: bool = True  # False = Dr.GRPO (arXiv 2503.20783)
     eps: float = 1e-6
     count: Literal["sample", "trajectory"] = "sample"
 
@@ -237,7 +238,7 @@ def _grpo_per_sample(inputs: AdvantageInputs, params: GRPOParams) -> tuple[Tenso
 
 @ADVANTAGES.register("grpo", params=GRPOParams)
 def grpo(inputs: AdvantageInputs, params: GRPOParams) -> AdvantageOutput:
-    """GRPO outcome advantage, algorithms.md §6.1 (Dr.GRPO §6.2 with `norm_by_std=False`).
+    """GRPO outcome advantage, arXiv 2402.03300 §4.1.2 (Dr.GRPO, arXiv 2503.20783, with `norm_by_std=False`).
 
     A_i = (R_i - mean_g) / (std_g + eps), unbiased std over the group, broadcast to the sampled
     tokens of sample i. A group of one unit has mean 0 and std 1, so A_i = R_i exactly (verl
@@ -285,7 +286,7 @@ class ReinforcePPParams:
 
 @ADVANTAGES.register("reinforce_plus_plus", params=ReinforcePPParams)
 def reinforce_plus_plus(inputs: AdvantageInputs, params: ReinforcePPParams) -> AdvantageOutput:
-    """REINFORCE++, algorithms.md §6.5: discounted token returns, then global whitening.
+    """REINFORCE++, arXiv 2501.03262: discounted token returns, then global whitening.
 
     G_t = r_t + gamma G_{next sampled token} along each row (masked env/tool tokens are skipped
     and their rewards ignored). A = whiten(G) over all valid
@@ -305,7 +306,7 @@ def reinforce_plus_plus(inputs: AdvantageInputs, params: ReinforcePPParams) -> A
 
 @ADVANTAGES.register("reinforce_plus_plus_baseline", params=RLOOParams)
 def reinforce_plus_plus_baseline(inputs: AdvantageInputs, params: RLOOParams) -> AdvantageOutput:
-    """REINFORCE++-baseline, algorithms.md §6.5: A_i = R_i - mean_g, broadcast, global whitening.
+    """REINFORCE++-baseline, arXiv 2501.03262: A_i = R_i - mean_g, broadcast, global whitening.
 
     Whitening is over all valid tokens of the batch (token-weighted, unbiased variance).
     A group of one has mean 0 (as GRPO), so its sample keeps R before whitening.
@@ -330,7 +331,7 @@ class GAEParams:
 
 @ADVANTAGES.register("gae", params=GAEParams, needs={"values"})
 def gae(inputs: AdvantageInputs, params: GAEParams) -> AdvantageOutput:
-    """GAE, algorithms.md §6.6, over the sampled tokens of each row (env/tool tokens skipped).
+    """GAE, arXiv 1506.02438 §3, over the sampled tokens of each row (env/tool tokens skipped).
 
     delta_t = r_t + gamma V_{t'} - V_t with t' the next sampled token (V = 0 after the last);
     A_t = delta_t + gamma lam A_{t'}. returns = A + V (critic targets, before whitening);
@@ -652,7 +653,8 @@ def _step_tree_credit(inputs: AdvantageInputs, params: TreeParams) -> AdvantageO
 
 
 # --------------------------------------------------------------------------------------------
-# Entropy-aware reshaping of the GRPO advantage: AEPO (§2c), EMPG (§7.2), ETTRL EAR (§7.7)
+# Entropy-aware reshaping of the GRPO advantage: AEPO (arXiv 2510.14545), EMPG (arXiv 2509.09265),
+# ETTRL EAR (arXiv 2508.11356)
 
 
 def _row_entropy(inputs: AdvantageInputs, who: str) -> tuple[Tensor, Tensor]:
@@ -674,7 +676,7 @@ class AEPOAdvParams:
 
 @ADVANTAGES.register("aepo", params=AEPOAdvParams, needs={"entropies"})
 def aepo_advantage(inputs: AdvantageInputs, params: AEPOAdvParams) -> AdvantageOutput:
-    """AEPO entropy-aware advantage, algorithms.md §2c: A_t = A_GRPO (1 + a z_t).
+    """AEPO entropy-aware advantage, arXiv 2510.14545: A_t = A_GRPO (1 + a z_t).
 
     z = z-score of the rollout-time token entropy over this batch's valid tokens (unbiased
     std; std 0 -> 1). The loss "aepo" applies the same reshaping with the current entropy:
@@ -726,7 +728,7 @@ def _next_turn_row(inputs: AdvantageInputs) -> list[int]:
 
 @ADVANTAGES.register("empg", params=EMPGParams, needs={"entropies"})
 def empg(inputs: AdvantageInputs, params: EMPGParams) -> AdvantageOutput:
-    """EMPG entropy-modulated step advantages, algorithms.md §7.2 (one sample per turn).
+    """EMPG entropy-modulated step advantages, arXiv 2509.09265 (one sample per turn).
 
     H_{i,t} = mean token entropy of the turn-sample; H~ = (H - min) / (max - min + eps) over
     the batch's samples; g = exp(-k H~) / mean(exp(-k H~)); f = exp(-k' H~ of the next turn of
@@ -773,7 +775,7 @@ class ETTRLParams:
     "ettrl", params=ETTRLParams, needs=lambda p: {"entropies"} if p.mode == "reshape" else set()
 )
 def ettrl(inputs: AdvantageInputs, params: ETTRLParams) -> AdvantageOutput:
-    """ETTRL entropy-based advantage reshaping (EAR), algorithms.md §7.7.
+    """ETTRL entropy-based advantage reshaping (EAR), arXiv 2508.11356.
 
     reshape: A'_i = Y_i A_i, Y_i = 1 + (mean_g Hbar - Hbar_i) / mean_g Hbar with Hbar_i the
     sample's mean token entropy and mean_g over its group's samples that have a sampled token
@@ -810,7 +812,7 @@ class HAPOAdvParams:
 
 @ADVANTAGES.register("hapo", params=HAPOAdvParams)
 def hapo_advantage(inputs: AdvantageInputs, params: HAPOAdvParams) -> AdvantageOutput:
-    """HAPO token-level group average advantage, algorithms.md §7.6.
+    """HAPO token-level group average advantage, arXiv 2509.16591.
 
     Per group, samples weigh by their sampled-token count |o_i|: mu = sum |o_i| R_i / sum |o_i|,
     sigma = sqrt(sum |o_i| (R_i - mu)^2 / sum |o_i|) (biased), A_i = (R_i - mu) / (sigma + eps).

@@ -98,7 +98,7 @@ class AggregationConfig:
 
 @dataclass
 class OverlongConfig:
-    """DAPO overlong reward shaping (algorithms.md §6.3): an episode whose generated-token count
+    """DAPO overlong reward shaping (arXiv 2503.14476 §3.4): an episode whose generated-token count
     L exceeds max_len - buffer gets min(-(L - (max_len - buffer)) / buffer * factor, 0) added to
     its reward (on every step-wise sample of the episode). Paper: 20480 / 4096 / 1.0."""
 
@@ -147,7 +147,7 @@ class AlgoConfig:
     skip_zero_advantage: skip the compute of samples whose every advantage is 0. Exact only for
                     losses that are 0 at A = 0 with nothing else in the update, so it turns itself
                     off when any regulariser, token weighting or forking-token mask is set.
-    dynamic_sampling: DAPO (algorithms.md §6.3): drop groups whose episode rewards are all equal
+    dynamic_sampling: DAPO (arXiv 2503.14476 §3.2): drop groups whose episode rewards are all equal
                     and roll out further tasks (the sampler's next ones) until each rank has its
                     share of train.tasks_per_step groups, or max_gen_batches rollouts were played;
                     then train on exactly that share (or what there is at the cap).
@@ -195,7 +195,7 @@ class LearnerConfig:
 
 @dataclass
 class CriticConfig:
-    """The value model of PPO with GAE (algorithms.md §6.6), built only when algo.advantage needs
+    """The value model of PPO with GAE (arXiv 1707.06347, 1506.02438), built only when algo.advantage needs
     critic values (`gae`). A separate copy of the backbone with a scalar head (zero-initialised,
     so the first advantages are plain returns-to-go), its own AdamW and DeepSpeed engine; it shares
     learner.zero_stage, micro_batch_tokens, packing, mini_batches, epochs and max_grad_norm."""

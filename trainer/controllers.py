@@ -47,7 +47,7 @@ def _read(stats: Mapping[str, float], key: str, who: str) -> float:
 
 
 class AEntController:
-    """AEnt coefficient, algorithms.md §5. Reads "entropy/clamped_mean" (step mean of H~).
+    """AEnt coefficient, arXiv 2509.03493. Reads "entropy/clamped_mean" (step mean of H~).
 
     c_{k+1} = clip(c_k - eta (min(0, H - H_low) + max(0, H - H_high)), c_min, c_max), applied
     only when `adaptive` and after `warmup_steps` updates: c rises below the band, falls above it.
@@ -80,7 +80,7 @@ class AEntController:
 
 
 class EPOController:
-    """EPO entropy history and phase weight, algorithms.md §1.
+    """EPO entropy history and phase weight, arXiv 2509.22576.
 
     history "step" (paper v2): reads "entropy/mean" (the step's mean token entropy) after each
     update; at step k the regulariser gets Href = mean of the k previous steps' entropies (None
@@ -185,7 +185,7 @@ class AdaptiveKLController:
 
 
 class BAPOController:
-    """BAPO clip bounds searched on a whole step's tokens, algorithms.md §7.4 (scope="step").
+    """BAPO clip bounds searched on a whole step's tokens, arXiv 2510.18927 (scope="step").
 
     Reads the grid sums "bapo/neg_sum/<i>" and "bapo/pos_sum/<j>" that the "bapo" loss reports
     with scope="step" (summed, or averaged with equal weights: only P/N matters) and runs
@@ -217,7 +217,7 @@ class BAPOController:
 
 
 class SIRENController:
-    """SIREN self-anchor, algorithms.md §7.3: H_anchor = the first step's "entropy/siren_selected".
+    """SIREN self-anchor, arXiv 2509.25133: H_anchor = the first step's "entropy/siren_selected".
 
     Later updates leave the anchor fixed (they only count steps). Until the first update the
     regulariser gets entropy_anchor=None, i.e. contributes nothing.
@@ -248,7 +248,7 @@ class SIRENController:
 
 
 class TemperatureSwitchController:
-    """Arbitrary-Entropy PO's temperature switch, algorithms.md §7.9. Reads "entropy/mean".
+    """Arbitrary-Entropy PO's temperature switch, arXiv 2510.08141. Reads "entropy/mean".
 
     The rollout hook asks `temperature` (T_high if the previous step's entropy H < H_target,
     else T_low) and `select(advantages)` (the positive ones: min(max, kept) if H <= H_target, else half); see

@@ -6,7 +6,7 @@ chunk's logits at a time too. Peak extra memory is O(chunk_size * V) instead of 
 All math is done in float32 (or float64 if the inputs are float64) whatever the input dtype.
 
 Entropy is the exact full-vocabulary H_t = -sum_v p log p of softmax(z / temperature)
-(algorithms.md §0). The "clamped" entropy of AEnt (algorithms.md §5) drops the
+(as verl's `entropy_from_logits`). The "clamped" entropy of AEnt (arXiv 2509.03493) drops the
 floor(drop_frac * V) smallest logits of each position and renormalises over the rest.
 
 This module knows nothing about models: it takes tensors (hidden states, the lm_head weight).
@@ -40,7 +40,7 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
 
 
 def clamped_entropy_from_logits(logits: Tensor, drop_frac: float, temperature: float = 1.0) -> Tensor:
-    """AEnt clamped entropy (algorithms.md §5): [..., V] -> [...].
+    """AEnt clamped entropy (arXiv 2509.03493): [..., V] -> [...].
 
     The floor(drop_frac * V) smallest logits of each position are removed (chosen without
     gradient, ties broken arbitrarily) and the entropy of the renormalised rest is returned;

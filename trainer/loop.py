@@ -267,7 +267,7 @@ def _on_last_sampled(rewards: torch.Tensor, loss_mask: torch.Tensor) -> torch.Te
     return out
 
 
-# -- DAPO dynamic sampling and overlong shaping (algorithms.md §6.3) --------------------------------
+# -- DAPO dynamic sampling and overlong shaping (arXiv 2503.14476 §3.2, §3.4) -----------------------
 
 
 def episode_rewards(samples: list[Trajectory]) -> list[tuple[int, float]]:
@@ -687,7 +687,7 @@ class Trainer:
     def _temperature_extras(
         self, first_traj: int
     ) -> tuple[list[Trajectory], list[torch.Tensor], dict[str, float]]:
-        """Arbitrary-Entropy PO (algorithms.md §7.9): a quarter of this step's tasks played again
+        """Arbitrary-Entropy PO (arXiv 2510.08141): a quarter of this step's tasks played again
         at the controller's temperature (T_high below the entropy target, T_low above it); the
         samples with a GRPO advantage above the threshold (at most max_samples, halved above
         the target) join the batch with advantage +1, trained by the REINFORCE term only.

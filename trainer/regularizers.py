@@ -14,7 +14,8 @@ configured term needs them, and the entropy it passes here is differentiable (th
 its gradient). Flags: `controller` (which controller `make_controller` builds) and
 `aggregation` (a mode the term must be aggregated with, e.g. SIREN's seq-mean-token-mean);
 without the flag a term is aggregated with the policy loss's mode (verl/EPO code; AEnt's paper
-uses token-mean). The math is in research/algorithms.md (section cited per function).
+uses token-mean). Each term's docstring cites its paper by arXiv id and says where it departs
+from the paper or the released code.
 
 This module knows nothing about models, configs, micro-batching or distribution.
 """
@@ -136,7 +137,7 @@ class EntropyBonusParams:
 
 @REGULARIZERS.register("entropy_bonus", params=EntropyBonusParams, needs={"entropy"})
 def entropy_bonus(inputs: LossInputs, params: EntropyBonusParams, *, coef: float | None = None) -> LossOutput:
-    """Plain entropy bonus: per-token loss -coef * H_t (algorithms.md §0)."""
+    """Plain entropy bonus: per-token loss -coef * H_t (the S term of PPO, arXiv 1707.06347 Eq. 9)."""
     entropy = _require(inputs, "entropy", "entropy_bonus")
     coef = params.coef if coef is None else coef
     return _finish(inputs, -coef * entropy, {"entropy/mean": masked_mean(entropy, inputs.loss_mask)})
@@ -185,7 +186,7 @@ class AEntParams:
 
 @REGULARIZERS.register("aent", params=AEntParams, needs={"clamped_entropy"}, controller="aent")
 def aent(inputs: LossInputs, params: AEntParams, *, coef: float | None = None) -> LossOutput:
-    """AEnt clamped-entropy bonus, algorithms.md §5: per-token loss -c_k * H~_t.
+    """AEnt clamped-entropy bonus, arXiv 2509.03493: per-token loss -c_k * H~_t.
 
     H~ comes from `logprobs.token_stats_from_hidden(..., clamp_drop_frac=params.drop_frac)`;
     c_k from `controllers.AEntController` (reads metric "entropy/clamped_mean").
@@ -293,7 +294,7 @@ def epo(
 def top_p_entropy_from_logits(
     logits: Tensor, top_p: float = 0.8, top_k: int = 10000, temperature: float = 1.0
 ) -> Tensor:
-    """SIREN nucleus entropy H^p, algorithms.md §7.3: [..., V] -> [...].
+    """SIREN nucleus entropy H^p, arXiv 2509.25133: [..., V] -> [...].
 
     Among the top_k logits, keep the smallest prefix whose full-vocabulary probability mass
     reaches top_p (the token crossing p is kept), renormalise over it and take the entropy.
@@ -325,7 +326,7 @@ class SIRENParams:
     aggregation="seq-mean-token-mean",
 )
 def siren(inputs: LossInputs, params: SIRENParams, *, entropy_anchor: float | None = None) -> LossOutput:
-    """SIREN self-anchored selective entropy regulariser, algorithms.md §7.3.
+    """SIREN self-anchored selective entropy regulariser, arXiv 2509.25133.
 
     Peak mask: valid tokens whose H^p >= the `peak_quantile` quantile of H^p over their own
     response (linear interpolation). H_sel = seq-mean-token-mean of H^p over the peak tokens;
@@ -378,7 +379,7 @@ class TemperatureReinforceParams:
     controller="temperature_switch",
 )
 def temperature_reinforce(inputs: LossInputs, params: TemperatureReinforceParams) -> LossOutput:
-    """Arbitrary-Entropy PO's REINFORCE term, algorithms.md §7.9: l_t = -alpha m_t A_t log pi_t.
+    """Arbitrary-Entropy PO's REINFORCE term, arXiv 2510.08141: l_t = -alpha m_t A_t log pi_t.
 
     Needs the rollout hook: each step, `controllers.TemperatureSwitchController.temperature`
     picks T_high or T_low from the previous step's entropy, extra samples are drawn at T,

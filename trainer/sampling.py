@@ -80,7 +80,7 @@ def dynamic_sampling_decision(
     max_gen_batches: int = 10,
     atol: float = 0.0,
 ) -> DynamicSamplingDecision:
-    """DAPO dynamic sampling, algorithms.md §6.3, after `gen_batches` generation rounds.
+    """DAPO dynamic sampling, arXiv 2503.14476 §3.2, after `gen_batches` generation rounds.
 
     `samples` are all (group_id, reward) pairs generated so far (group ids unique across
     rounds). Keep the groups with differing rewards; with at least `target_groups` of them,
@@ -111,7 +111,7 @@ def dynamic_sampling_decision(
 def overlong_penalty(
     length: int, *, max_length: int = 20480, buffer: int = 4096, factor: float = 1.0
 ) -> float:
-    """R_len = min(-(|y| - (L_max - L_c)) / L_c * f, 0), algorithms.md §6.3 (added to the reward).
+    """R_len = min(-(|y| - (L_max - L_c)) / L_c * f, 0), arXiv 2503.14476 §3.4 (added to the reward).
 
     0 up to L_max - L_c, then linear down to -f at L_max (and further below past L_max, as
     verl: it does not clamp, though responses are normally cut at L_max).
@@ -122,7 +122,7 @@ def overlong_penalty(
 
 
 # --------------------------------------------------------------------------------------------
-# Arbitrary-Entropy PO (algorithms.md §7.9): temperature switch and sample selection
+# Arbitrary-Entropy PO (arXiv 2510.08141): temperature switch and sample selection
 
 
 def switch_temperature(

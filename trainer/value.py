@@ -1,4 +1,4 @@
-"""Value-function math for PPO with a critic (algorithms.md §6.6): the clipped value loss and
+"""Value-function math for PPO with a critic (arXiv 1707.06347, GAE 1506.02438): the clipped value loss and
 explained variance. Pure tensor functions over `[B, T]` rows, like `trainer/losses.py`; the
 critic module (`trainer/learner/critic.py`) runs the model and aggregates.
 """

@@ -1,4 +1,4 @@
-"""Batch statistics with a scope (issue #3, algorithms.md §8 item 2): each loss/hook with a batch
+"""Batch statistics with a scope (issue #3): each loss/hook with a batch
 statistic has a companion computing it from the flat valid tokens of a whole mini-batch; passed as
 `batch_stats=`, the per-token losses no longer depend on the cut into micro-batches.
 Run: pytest tests/trainer/test_batch_stats.py"""
