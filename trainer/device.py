@@ -17,6 +17,7 @@ wrong device; `tests/trainer/test_device.py` does, with the model on PyTorch's `
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -110,3 +111,12 @@ def all_gather_1d(values: torch.Tensor) -> torch.Tensor:
     parts = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)]).cpu()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable object, in rank order ([obj] with one rank)."""
+    if not distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -41,7 +41,7 @@ from trainer.config import (
     task_level,
     to_yaml,
 )
-from trainer.device import any_rank, resolve_device
+from trainer.device import all_gather_objects, any_rank, resolve_device
 from trainer.evaluation import eval_metrics
 from trainer.logging import RunLogger, disk_hint
 from trainer.regularizers import kl_in_reward
@@ -830,9 +830,7 @@ def _gather(items: list, world: int) -> list:
     """Every rank's list, concatenated in rank order (a collective when world > 1)."""
     if world == 1:
         return list(items)
-    gathered: list[list] = [[] for _ in range(world)]
-    dist.all_gather_object(gathered, items)
-    return [item for part in gathered for item in part]
+    return [item for part in all_gather_objects(items) for item in part]
 
 
 def _reward_metrics(result: RolloutResult) -> dict[str, float]:
@@ -843,9 +841,8 @@ def _reward_metrics(result: RolloutResult) -> dict[str, float]:
 def _mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     """Mean of each metric over the ranks that report it. Ranks may report different keys
     (a stop reason or a turn index seen on one rank only), so the keys travel with the values."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    gathered = all_gather_objects(metrics)
+    if len(gathered) == 1:
         return metrics
-    gathered: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
-    dist.all_gather_object(gathered, metrics)
     keys = sorted({k for m in gathered for k in m})
     return {k: sum(m[k] for m in gathered if k in m) / sum(k in m for m in gathered) for k in keys}

@@ -34,7 +34,13 @@ from torch.utils.checkpoint import checkpoint
 from agents.types import Trajectory
 from trainer.batch import MicroBatch, make_micro_batch, plan_by_prompt
 from trainer.config import Config, optimizer_steps
-from trainer.device import all_gather_1d, distributed, max_over_ranks, resolve_device, sum_over_ranks
+from trainer.device import (
+    all_gather_1d,
+    all_gather_objects,
+    max_over_ranks,
+    resolve_device,
+    sum_over_ranks,
+)
 from trainer.learner.common import (
     accumulate_gradients,
     ds_config,
@@ -158,7 +164,7 @@ class DeepSpeedLearner:
                 )
                 self._mini_batch_step_or_retry(batch, micro_totals, step_totals)
         self.controller_stats = self._metrics.reduce(
-            len(samples), sum_fn=sum_over_ranks, gather_fn=_gather_objects
+            len(samples), sum_fn=sum_over_ranks, gather_fn=all_gather_objects
         )
         if step_totals["learner/nonfinite_steps"]:
             self.controller_stats = {}  # NaN statistics must not reach EPO/AEnt/KL history
@@ -537,11 +543,3 @@ def _chunked_top_p_entropy(
     ]
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
-
-def _gather_objects(obj: Any) -> list[Any]:
-    """Every rank's Python object, in rank order (the metric keys of `MetricTotals.reduce`)."""
-    if not distributed():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
