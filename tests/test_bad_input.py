@@ -78,3 +78,13 @@ def test_step_mode_branching_needs_tree_credit():
         load(None, branched)  # grpo: the shared turns would get the parent's return alone
     load(None, [*branched, "algo.advantage.name=grpo_tree"])
     load(None, ["rollout.mode=trajectory", "rollout.branch.policy=arpo"])
+
+
+def test_a_finished_run_started_again_says_so_and_trains_nothing(cli, capsys, tmp_path):
+    (tmp_path / "summary.json").write_text('{"eval/success_after": 0.5, "train/steps": 2.0}')
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    assert cli.main(["train", "configs/debug/cpu_tiny.yaml", f"train.output_dir={tmp_path}"]) == 0
+    out, err = capsys.readouterr()
+    assert "holds a finished run" in err and "train.resume=never" in err
+    assert out.strip().splitlines()[-1] == '{"eval/success_after": 0.5, "train/steps": 2.0}'
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'  # no second history

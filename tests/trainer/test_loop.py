@@ -260,3 +260,28 @@ def test_episodes_ended_by_a_fault_are_left_out_of_the_update(monkeypatch, exclu
         assert trajs == {0, 2, 3} and result.metrics["rollout/excluded_episodes"] == 1.0
     else:
         assert trajs == {0, 1, 2, 3} and "rollout/excluded_episodes" not in result.metrics
+
+
+class EvalRollout:
+    """Eval episodes: one won, one lost by the policy, one ended by an env crash."""
+
+    def run(self, tasks, sampling, seed=None):
+        rows = [("terminated", True, None), ("max_turns", False, None), ("env_error", False, "RuntimeError: boom")]
+        episodes = [
+            {"won": won, "stop_reason": reason, "error": error, "turns": 2, "parse_errors": 0, "task": {"seed": i}}
+            for i, (reason, won, error) in enumerate(rows)
+        ]
+        return RolloutResult([], {}, episodes=episodes)
+
+
+def test_eval_reports_episodes_ended_by_a_fault(monkeypatch):
+    from types import SimpleNamespace
+
+    trainer = fake_trainer(monkeypatch, mixed=set())
+    trainer.rollout, trainer.learner, trainer.current_step = EvalRollout(), None, 0
+    logged = []
+    trainer.logger = SimpleNamespace(log=lambda step, metrics, *a: logged.append(metrics), info=logged.append)
+    metrics = trainer.evaluate(step=0)
+    assert metrics["eval/success"] == pytest.approx(1 / 3)  # the crash counts as lost ...
+    assert metrics["eval/infra_failures"] == 1.0  # ... and is said apart
+    assert any(isinstance(m, str) and "1 of 3 episodes" in m and "boom" in m for m in logged)
