@@ -155,6 +155,7 @@ class DeepSpeedLearner:
         step_totals: dict[str, float] = defaultdict(float)  # summed over optimizer steps
         self._metrics = MetricTotals()
         old = self._recorded_old_logprobs(samples) if self._recompute_old() else None
+        recompute_s = time.perf_counter() - started if old is not None else 0.0  # pi_old's no-grad pass
         for _ in range(self.cfg.learner.epochs):
             for index in split(len(samples), self.cfg.learner.mini_batches):
                 batch = _MiniBatch(
@@ -189,6 +190,7 @@ class DeepSpeedLearner:
         metrics["learner/oom_retries"] = step_totals["learner/oom_retries"]
         metrics["learner/micro_batch_tokens"] = float(self.micro_batch_tokens)
         metrics["time/update"] = elapsed
+        metrics["time/pi_old_recompute"] = recompute_s
         return metrics
 
     def _mini_batch_step_or_retry(
