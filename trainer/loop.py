@@ -416,7 +416,7 @@ class Trainer:
             device,
             prefix_cache_mib=cfg.rollout.prefix_cache_mib,
             # the learner's compute dtype (DeepSpeed bf16 on GPU); fp32 on CPU, as the learner there
-            dtype=cfg.model.dtype if device.startswith("cuda") else "float32",
+            hf_dtype=cfg.model.dtype if device.startswith("cuda") else "float32",
             **vllm_args,
         )
         self.rollout = Rollout(self.engine, self.engine.tokenizer, cfg.rollout)

@@ -24,14 +24,14 @@ def make_engine(
     model_path: str,
     device: str = "cpu",
     prefix_cache_mib: int = 1024,
-    dtype: str = "float32",
+    hf_dtype: str = "float32",
     **vllm_kwargs,
 ):
     """The rollout's inference engine (`rollout.engine`) on this rank's `device` ("cpu" or
     "cuda:N"); vLLM is imported only when asked for. `vllm_kwargs` (`rollout.vllm`) go to
     `VLLMEngine`; on CUDA this adds the device and the colocated memory share (see
-    `_cuda_placement`) unless they are given. `dtype` is the HF engine's weights (the learner's
-    compute dtype: bfloat16 on GPU); vLLM takes its own from `rollout.vllm`."""
+    `_cuda_placement`) unless they are given. `hf_dtype` is the HF engine's weights (the learner's
+    compute dtype: bfloat16 on GPU); vLLM takes its own `dtype` from `rollout.vllm`."""
     # kind and range only: the import happens next anyway, and whether a learner shares the GPU
     # is the caller's to say (`check_engine(..., colocated=...)` in the CLI's preflight)
     check_engine(kind, device, vllm_kwargs, colocated=False, check_import=False)
@@ -39,7 +39,7 @@ def make_engine(
         from agents.engines.hf import HFEngine
 
         return HFEngine.from_pretrained(
-            model_path, device=device, dtype=dtype, prefix_cache_bytes=prefix_cache_mib << 20
+            model_path, device=device, dtype=hf_dtype, prefix_cache_bytes=prefix_cache_mib << 20
         )
     from agents.engines.vllm import VLLMEngine
 
