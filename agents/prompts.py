@@ -69,6 +69,12 @@ class _Format:
     def parse(self, reply: str, obs: Observation) -> ParsedAction:
         raise NotImplementedError
 
+    def reply_for(self, action: str, obs: Observation) -> str | None:
+        """The reply (after the prefill) that `parse` reads back as `action`: what an expert's
+        action looks like as model output, for supervised fine-tuning. None when this format
+        cannot express the action here."""
+        return f"{action}{self.stop[0]}"
+
 
 class NumberedChoice(_Format):
     """Pick a command by its number from the admissible list: `<action>3</action>`.
@@ -97,6 +103,11 @@ class NumberedChoice(_Format):
         if not 1 <= number <= len(obs.choices or []):
             return ParsedAction(self.fallback, f"command number {number} is not in 1..{len(obs.choices or [])}")
         return ParsedAction(obs.choices[number - 1])
+
+    def reply_for(self, action: str, obs: Observation) -> str | None:
+        if action not in (obs.choices or []):
+            return None  # an expert command the env does not list cannot be picked by number
+        return f"{obs.choices.index(action) + 1}{self.stop[0]}"
 
 
 class ActionTag(_Format):
@@ -157,6 +168,9 @@ class Boxed(_Format):
 
     def followup(self, obs: Observation) -> dict:
         return {"role": "user", "content": obs.text}
+
+    def reply_for(self, action: str, obs: Observation) -> str | None:
+        return action  # the whole reply is the action (no prefill, no stop string: it ends at EOS)
 
     def parse(self, reply: str, obs: Observation) -> ParsedAction:
         if isinstance(final_answer(reply), ParseError):

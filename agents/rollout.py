@@ -9,8 +9,11 @@ format's fallback action and is counted. Env text is sanitised before it is toke
 (`sanitize_observation`): undecodable characters become U+FFFD and gigantic text is cut to
 `max_obs_chars`.
 
-`agent="expert"` plays each env's `walkthrough()` through the same loop instead of a model: no
-engine, no tokenizer, turns with no tokens (`entrorl eval CONFIG agent=expert`).
+`agent="expert"` plays each env's `walkthrough()` through the same loop instead of a model
+(`entrorl eval CONFIG agent=expert`). Without a tokenizer its turns have no tokens. With one it
+is a teacher: each turn's prompt is rendered exactly as for the model, and its "sampled" ids are
+the format's reply for the expert action (`reply_for`), so the samples are the ones RL would
+train on had the model chosen those actions (supervised fine-tuning, `trainer/sft.py`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from agents.brancher import (
     step_entropy,
     token_fork_points,
 )
-from agents.chat import check_template, delta_ids, render_prompt
+from agents.chat import check_template, delta_ids, encode, render_prompt
 from agents.config import RolloutConfig, SamplingConfig
 from agents.engines.base import InferenceEngine, SamplingParams
 from agents.parsing import final_answer, token_roles
@@ -45,7 +48,7 @@ from agents.rewards import prefetch as prefetch_rewards
 from agents.types import GenerationResult, Trajectory
 from environments.pool import EnvError, EnvPool
 
-AGENTS = ("model", "expert")
+AGENTS = ("model", "expert", "random")
 DEFAULT_REWARDS = {"success": 1.0}
 # Reset-info keys copied into each episode's summary["task"]: evaluation splits success by them.
 TASK_META_KEYS = ("task_type", "task_name", "subject", "level")
@@ -116,7 +119,9 @@ class Rollout:
         if cfg.agent not in AGENTS:
             raise ValueError(f"rollout.agent={cfg.agent!r}; expected one of {AGENTS}")
         if cfg.agent == "model" and engine is None:
-            raise ValueError("rollout.agent='model' needs an inference engine (agent 'expert' plays without one)")
+            raise ValueError(
+                "rollout.agent='model' needs an inference engine (agents 'expert' and 'random' play without one)"
+            )
         if cfg.max_obs_chars < 0:
             raise ValueError(f"rollout.max_obs_chars={cfg.max_obs_chars}; expected >= 0 (0 = no cap)")
         self.engine = engine
@@ -147,7 +152,11 @@ class Rollout:
         )
         started = time.perf_counter()
         policy = self.cfg.branch.policy
-        roots = self._premonitor(tasks, params, seed, timings) if policy == "aepo" and self.cfg.branch.premonitor else None
+        roots = (
+            self._premonitor(tasks, params, seed, timings)
+            if policy == "aepo" and self.cfg.branch.premonitor
+            else None
+        )
         tree = _Tree(self.cfg.branch, tasks, seed, roots) if policy in ("arpo", "aepo") else None
         token_tree = _TokenTree(self.cfg.branch, tasks, seed) if policy == "token" else None
         episodes = self._start(tree.roots if tree else token_tree.roots if token_tree else tasks)
@@ -194,8 +203,9 @@ class Rollout:
         rounds = first_round
         while active := [ep for ep in episodes if ep.stop_reason is None]:
             t0 = time.perf_counter()
-            if self.cfg.agent == "expert":
-                turns = [(ep, self._expert_turn(ep)) for ep in active]
+            if self.cfg.agent != "model":
+                rng = random.Random((seed or 0) * 1_000_003 + rounds)  # the random agent's draws
+                turns = [(ep, turn) for ep in active if (turn := self._scripted_turn(ep, rng)) is not None]
             else:
                 # One seed per round: the same seed every round would replay the same random
                 # draws at every turn.
@@ -330,7 +340,9 @@ class Rollout:
                 ep.stop_reason, ep.error = "env_error", f"{type(exc).__name__}: {exc}"
         opened = [ep for ep in episodes if ep.handle is not None]
         outcomes = self.pool.reset_many(
-            [ep.handle for ep in opened], [ep.task.seed for ep in opened], [ep.task.reset_options or None for ep in opened]
+            [ep.handle for ep in opened],
+            [ep.task.seed for ep in opened],
+            [ep.task.reset_options or None for ep in opened],
         )
         for ep, outcome in zip(opened, outcomes, strict=True):
             if isinstance(outcome, EnvError):
@@ -400,7 +412,13 @@ class Rollout:
         ep.parse_errors += parsed.error is not None
         ep.parse_error_streak = ep.parse_error_streak + 1 if parsed.error else 0
         return _Turn(
-            list(prompt), result, parsed.action, parsed.error, anchor_key(ep.obs), obs=ep.obs, messages_len=len(ep.messages)
+            list(prompt),
+            result,
+            parsed.action,
+            parsed.error,
+            anchor_key(ep.obs),
+            obs=ep.obs,
+            messages_len=len(ep.messages),
         )
 
     def _load_plans(self, episodes: list[_Episode]) -> None:
@@ -413,10 +431,41 @@ class Rollout:
             else:
                 ep.plan = list(plan)
 
-    def _expert_turn(self, ep: _Episode) -> _Turn:
-        """The walkthrough's next action, recorded with no tokens."""
+    def _scripted_turn(self, ep: _Episode, rng: random.Random) -> _Turn | None:
+        """A model-free agent's turn: the expert's next action, or a uniformly random valid command."""
+        if self.cfg.agent == "expert":
+            return self._expert_turn(ep)
+        if not (ep.obs.choices or []):
+            ep.stop_reason = "env_error"
+            ep.error = (
+                "agent=random picks from the env's valid commands: set env.kwargs.admissible_commands=true"
+            )
+            return None
         no_tokens = GenerationResult(token_ids=[], logprobs=[], entropies=[], finish_reason="stop")
-        return _Turn([], no_tokens, ep.plan[len(ep.turns)], None, anchor_key(ep.obs))
+        return _Turn([], no_tokens, rng.choice(ep.obs.choices), None, anchor_key(ep.obs))
+
+    def _expert_turn(self, ep: _Episode) -> _Turn | None:
+        """The walkthrough's next action: with no tokens, or (with a tokenizer) as the ids of the
+        format's reply for it after the prompt the model would see. None when the episode ends
+        instead (the prompt does not fit, or the format cannot express the action)."""
+        action = ep.plan[len(ep.turns)]
+        if self.tokenizer is None:
+            no_tokens = GenerationResult(token_ids=[], logprobs=[], entropies=[], finish_reason="stop")
+            return _Turn([], no_tokens, action, None, anchor_key(ep.obs))
+        prompt = self._next_prompt(ep)
+        reply = self.format.reply_for(action, ep.obs)
+        if reply is None:
+            ep.stop_reason = "env_error"
+            ep.error = f"expert action {action!r} cannot be written in format {self.cfg.format!r} (not a listed command)"
+        if ep.stop_reason is not None:
+            return None
+        ids = encode(self.tokenizer, reply)
+        if not self.format.stop and self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)  # a format without a stop string ends at EOS
+        result = GenerationResult(ids, [0.0] * len(ids), [0.0] * len(ids), finish_reason="stop")
+        return _Turn(
+            list(prompt), result, action, None, anchor_key(ep.obs), obs=ep.obs, messages_len=len(ep.messages)
+        )
 
     def _step(self, turns: list[tuple[_Episode, _Turn]]) -> None:
         """Step every episode's env with its turn's action, all in one pool batch."""
@@ -433,7 +482,7 @@ class Rollout:
             ep.history.append((ep.obs.text, turn.action))
             self._observe(ep, text, info)
             ep.stop_reason = self._stop_reason(ep, terminated, truncated)
-            if self.cfg.mode == "trajectory" and ep.stop_reason is None and ep.plan is None:
+            if self.cfg.mode == "trajectory" and ep.stop_reason is None and self.tokenizer is not None:
                 self._append_observation(ep, turn.result)
 
     def _observe(self, ep: _Episode, text: Any, info: dict) -> None:
@@ -447,7 +496,12 @@ class Rollout:
         reply_ended = result.finish_reason == "stop" and _ends_turn(self.tokenizer, result.token_ids)
         message = self.format.followup(ep.obs)
         delta = delta_ids(
-            self.tokenizer, ep.messages, message, reply_ended, self.format.prefill, self.cfg.chat_template_kwargs
+            self.tokenizer,
+            ep.messages,
+            message,
+            reply_ended,
+            self.format.prefill,
+            self.cfg.chat_template_kwargs,
         )
         ep.messages = [*ep.messages, {"role": "assistant", "content": ""}, message]
         ep.deltas.append(delta)

@@ -1,6 +1,7 @@
 """`entrorl` command line: train, eval.
 
     entrorl train configs/quickstart.yaml [key=value ...]
+    entrorl sft   configs/quickstart.yaml sft.source=expert   # supervised warm start alone
     entrorl eval  configs/quickstart.yaml [key=value ...]
     entrorl eval  configs/quickstart.yaml agent=expert   # play the envs' walkthroughs, no model
     entrorl plot  RUN_DIR                                 # PNG curves into RUN_DIR/plots
@@ -26,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     # the deepspeed launcher passes --local_rank before the subcommand (LOCAL_RANK is set too)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("train", "train a policy"), ("eval", "evaluate a policy on the eval tasks")):
+    for name, help_text in (
+        ("train", "train a policy (after an SFT stage when sft.source is set)"),
+        ("sft", "supervised fine-tuning on demonstrations (sft.source: expert or a JSONL file)"),
+        ("eval", "evaluate a policy on the eval tasks (agent=expert / agent=random: the envs' floors)"),
+    ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="YAML file with deltas over the defaults")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=2")
@@ -65,18 +70,25 @@ def main(argv: list[str] | None = None) -> int:
         from agents.tasks import check_env_kwargs
 
         check_env_kwargs(cfg.env.id, cfg.env.kwargs)
-        if cfg.rollout.agent != "expert":  # the expert loads no model and uses no device
-            preflight(cfg, training=args.command == "train")
+        if args.command == "sft" and not cfg.sft.source:
+            raise ValueError(
+                "entrorl sft needs sft.source: expert (the envs' walkthroughs) or a JSONL file of chats"
+            )
+        if cfg.rollout.agent == "model":  # the expert and random agents load no model, use no device
+            preflight(cfg, training=args.command != "eval")
     except (ValueError, KeyError) as exc:
         print(f"entrorl: {exc}", file=sys.stderr)
         return 2
     # DeepSpeed picks its accelerator at import: the one train.device names
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.train.device.startswith("cuda") else "cpu")
-    if cfg.rollout.agent == "expert":
-        if args.command == "train":
-            print("entrorl: agent=expert only evaluates (it plays walkthroughs); use `entrorl eval`", file=sys.stderr)
+    if cfg.rollout.agent != "model":
+        if args.command != "eval":
+            print(
+                f"entrorl: agent={cfg.rollout.agent} only evaluates (it loads no model); use `entrorl eval`",
+                file=sys.stderr,
+            )
             return 2
-        print(json.dumps(expert_eval(cfg)), flush=True)
+        print(json.dumps(agent_eval(cfg)), flush=True)
         return 0
     from trainer.loop import (
         ExportFailed,
@@ -87,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         catch_sigterm,
     )
 
-    if args.command == "train":
+    training = args.command in ("train", "sft")
+    if training:
         catch_sigterm()  # a SIGTERM while the model loads stops the run cleanly too
 
-    finished = _finished_run(cfg) if args.command == "train" else None
+    finished = _finished_run(cfg) if training else None
     if finished is not None:  # never a second history in a finished run's folder
         print(
             f"entrorl: {cfg.train.output_dir} holds a finished run (summary.json): nothing to do. "
@@ -100,10 +113,20 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(finished), flush=True)
         return 0
 
-    trainer = Trainer(cfg, run_name=Path(args.config).stem, with_learner=args.command == "train")
-    if args.command == "train":
+    run_name = Path(args.config).stem
+    if training:
+        from trainer.sft import DemonstrationError, run_sft, run_sft_then_rl
+
         try:
-            summary = trainer.train()
+            if args.command == "sft":
+                summary = run_sft(cfg, run_name)
+            elif cfg.sft.source:
+                summary = run_sft_then_rl(cfg, run_name)
+            else:
+                summary = Trainer(cfg, run_name=run_name).train()
+        except DemonstrationError as exc:
+            print(f"entrorl: {exc}", file=sys.stderr)
+            return 2
         except (NonFiniteLoss, LearnerOutOfMemory) as exc:
             print(f"entrorl: {exc}", file=sys.stderr)
             return 3
@@ -114,11 +137,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"entrorl: {exc}", file=sys.stderr)
             return 143  # 128 + SIGTERM, as a process killed by it
     else:
-        metrics = trainer.evaluate(step=0)
+        metrics = Trainer(cfg, run_name=run_name, with_learner=False).evaluate(step=0)
         summary = {k: metrics[k] for k in ("eval/success", "eval/infra_failures")}
-    if trainer.rank == 0:
+    if _rank() == 0:
         print(json.dumps(summary), flush=True)
     return 0
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def preflight(cfg, training: bool = True) -> None:
@@ -154,9 +183,10 @@ def _check_model_path(name: str) -> None:
         )
 
 
-def expert_eval(cfg) -> dict[str, float]:
-    """Play every eval task's walkthrough through the rollout loop and env pool, loading no
-    model: the ceiling an agent can reach under these turn limits, and a check of the env."""
+def agent_eval(cfg) -> dict[str, float]:
+    """Play every eval task with a model-free agent through the rollout loop and env pool:
+    `expert` (the walkthroughs: the ceiling under these turn limits, and a check of the env) or
+    `random` (uniformly random valid commands: the floor a policy must clear)."""
     from agents.rollout import Rollout
     from agents.tasks import make_group_tasks, materialise
 
@@ -165,10 +195,10 @@ def expert_eval(cfg) -> dict[str, float]:
     tasks = make_group_tasks(cfg.env.id, cfg.env.kwargs, picked, cfg.env.eval.samples_per_task)
     rollout = Rollout(None, None, cfg.rollout)
     try:
-        result = rollout.run(tasks, cfg.train.eval_sampling)
+        result = rollout.run(tasks, cfg.train.eval_sampling, seed=cfg.train.seed)
     finally:
         rollout.close()
-    for episode in result.episodes:
+    for episode in result.episodes if cfg.rollout.agent == "expert" else []:
         if not episode["won"]:
             print(f"entrorl: expert lost {episode['task']}: {episode['stop_reason']} {episode['error'] or ''}",
                   file=sys.stderr)  # fmt: skip

@@ -252,6 +252,32 @@ class TrainConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Supervised fine-tuning (behaviour cloning), alone (`entrorl sft CONFIG`) or as a stage
+    before the RL steps of `entrorl train` (when `source` is set). Same learner (ZeRO, packing,
+    LoRA), checkpoints and export as RL; the loss is the `nll` of the target tokens.
+
+    source:  "" = no SFT stage; "expert" = the env's walkthroughs played through the rollout
+             loop with this config's prompt format (the samples are the tokens RL trains on,
+             loss on the action tokens); a path = a JSONL file of OpenAI-format chats (loss on
+             assistant turns).
+    seeds:   expert: the [start, stop) task ids to play (default env.train.seeds), one episode
+             each; only won episodes are kept.
+    steps:   optimizer steps; each takes `batch_size` samples (shuffled passes over the data,
+             resumed mid-pass exactly).
+    """
+
+    source: str = ""
+    seeds: list[int] = field(default_factory=list)
+    steps: int = 16
+    batch_size: int = 16
+    lr: float = 5e-5
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    max_tokens: int = 0  # JSONL: a conversation longer than this fails naming its line (0 = no cap)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -261,6 +287,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
 
 def optimizer_steps(cfg: Config) -> int:
@@ -414,7 +441,20 @@ def finalize(cfg: Config) -> None:
             "rollout.max_new_tokens must be smaller than rollout.max_context",
         ),
         (cfg.train.steps >= 1, f"train.steps={cfg.train.steps}: RL steps to run, >= 1"),
-        (cfg.rollout.max_turns >= 1, f"rollout.max_turns={cfg.rollout.max_turns}: model turns per episode, >= 1"),
+        (cfg.sft.steps >= 1, f"sft.steps={cfg.sft.steps}: SFT optimizer steps, >= 1"),
+        (cfg.sft.batch_size >= 1, f"sft.batch_size={cfg.sft.batch_size}: samples per SFT step, >= 1"),
+        (
+            not cfg.sft.seeds or (len(cfg.sft.seeds) == 2 and cfg.sft.seeds[0] < cfg.sft.seeds[1]),
+            f"sft.seeds={list(cfg.sft.seeds)}: a non-empty [start, stop) range of task ids, or [] for env.train.seeds",
+        ),
+        (
+            cfg.sft.lr_scheduler in SCHEDULES,
+            f"sft.lr_scheduler={cfg.sft.lr_scheduler!r}: use one of {', '.join(SCHEDULES)}",
+        ),
+        (
+            cfg.rollout.max_turns >= 1,
+            f"rollout.max_turns={cfg.rollout.max_turns}: model turns per episode, >= 1",
+        ),
         (
             cfg.rollout.max_new_tokens >= 1,
             f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}: tokens per reply, >= 1",

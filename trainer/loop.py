@@ -433,7 +433,7 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        self.sampler = TaskSampler(list(range(*cfg.env.train.seeds)), cfg.train.seed)
+        self.sampler = self._make_sampler()
         self.checkpointer = Checkpointer(self.run_dir, cfg.train.keep_checkpoints)
         # Last: a resume restores the RNG states, which everything above has consumed.
         self.summary: dict[str, float] = {}  # run-level results so far (checkpointed)
@@ -442,6 +442,10 @@ class Trainer:
             self._start_history()
         self.current_step = self.start_step  # the RL step in progress (1-based once training)
         self._synced_step = self.start_step  # the engine holds the weights after this step
+
+    def _make_sampler(self) -> TaskSampler:
+        """What each step draws: the train task ids (an SFT run draws its samples instead)."""
+        return TaskSampler(list(range(*self.cfg.env.train.seeds)), self.cfg.train.seed)
 
     def train(self) -> dict[str, float]:
         """Evaluate, train, evaluate, export. A SIGTERM at any point (a scheduler's preemption)

@@ -46,7 +46,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from trainer.registry import Registry
+from trainer.registry import NoParams, Registry
 
 POLICY_LOSSES = Registry("policy loss")
 
@@ -345,6 +345,15 @@ def ppo_clip(inputs: LossInputs, params: PPOClipParams) -> LossOutput:
     metrics["loss/clipfrac"] = masked_mean(clipped.float(), inputs.loss_mask)
     metrics["loss/clipfrac_dual"] = masked_mean(dual.float(), inputs.loss_mask)
     return _finish(inputs, loss, metrics)
+
+
+@POLICY_LOSSES.register("nll")
+def nll(inputs: LossInputs, params: NoParams) -> LossOutput:
+    """Supervised fine-tuning: the negative log-likelihood -log pi_theta(a_t) of the target tokens
+    (the loss mask: a demonstration's action or assistant tokens). Advantages and pi_old are not
+    read: every token counts once, as in behaviour cloning (`entrorl sft`, `trainer/sft.py`)."""
+    loss = -inputs.logprobs
+    return _finish(inputs, loss, {"loss/nll": masked_mean(loss, inputs.loss_mask)})
 
 
 # --------------------------------------------------------------------------------------------
