@@ -135,6 +135,10 @@ class Rollout:
         self._special_ids = frozenset(tokenizer.all_special_ids) if tokenizer is not None else frozenset()
         # Lives as long as the rollout: workers (and idle envs) are reused from run to run.
         self.pool = EnvPool(cfg.env_workers, cfg.env_step_timeout, cfg.env_reset_timeout)
+        # Called after every round of a run: (finished episodes, episodes in all, reply tokens so
+        # far); trainer/progress.py's `Progress` shows it. AEPO's probe episodes are not counted.
+        self.progress: Callable[[int, int, int], None] | None = None
+        self._progress, self._progress_total, self._progress_tokens = None, 0, 0
 
     def close(self) -> None:
         """Stop the env workers (also done at interpreter exit)."""
@@ -163,6 +167,7 @@ class Rollout:
         if tree:
             episodes += self._refill(tree, episodes)  # groups whose every root failed at reset
         timings["env"] += time.perf_counter() - started
+        self._progress, self._progress_total, self._progress_tokens = self.progress, len(tasks), 0
         try:
             rounds = self._play(episodes, params, seed, tree, timings)
             if token_tree:  # CURE/ETMR: the finished roots fork at high-entropy tokens
@@ -171,7 +176,9 @@ class Rollout:
                 episodes += self._start(token_tree.refill(skip=set()), first_id=len(episodes))
                 timings["env"] += time.perf_counter() - t0
                 self._play(episodes, params, seed, None, timings, first_round=rounds)
+            self._report(episodes, [])  # also when no round was played (every reset failed)
         finally:
+            self._progress = None
             self.pool.close_many([ep.handle for ep in episodes if ep.handle is not None])
         t_reward = time.perf_counter()
         prefetch_rewards([self._summary(ep) for ep in episodes if ep.turns], self.cfg.rewards or DEFAULT_REWARDS)
@@ -219,7 +226,17 @@ class Rollout:
                 episodes += self._refill(tree, episodes)
             timings["generate"] += t1 - t0
             timings["env"] += time.perf_counter() - t1
+            self._report(episodes, turns)
         return rounds
+
+    def _report(self, episodes: list[_Episode], turns: list[tuple[_Episode, _Turn]]) -> None:
+        """The run's progress hook after a round: finished episodes, the budget (a branching
+        run's leaves), and the reply tokens played so far."""
+        if self._progress is None:
+            return
+        self._progress_tokens += sum(len(turn.result.token_ids) for _, turn in turns)
+        done = sum(ep.stop_reason is not None for ep in episodes)
+        self._progress(done, max(self._progress_total, len(episodes)), self._progress_tokens)
 
     # -- branching (agents/brancher.py decides, this executes) --------------------------------------
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from rich.console import Console
 
+from trainer.progress import format_duration
+
 _CONSOLE_KEYS = [
     ("eval/success", "eval success", "{:.2f}"),
     ("eval/invalid_rate", "eval invalid", "{:.2f}"),
@@ -51,6 +53,8 @@ class RunLogger:
             _drop_partial_line(self.path)
         self.board = _summary_writer(self.run_dir / "tensorboard") if enabled and tensorboard else None
         self.wandb = _wandb_run(self.run_dir, wandb, config) if enabled and wandb is not None and wandb.project else None
+        self.clock = time.monotonic
+        self._first: tuple[int, float] | None = None  # (step, clock) of the first step logged with a total
 
     def log(self, step: int, metrics: dict[str, float], total_steps: int | None = None) -> None:
         if not self.enabled:
@@ -67,7 +71,27 @@ class RunLogger:
             self.wandb.log(metrics, step=step)
         shown = [f"{label} {fmt.format(metrics[k])}" for k, label, fmt in _CONSOLE_KEYS if k in metrics]
         where = f"step {step}/{total_steps}" if total_steps else f"step {step}"
+        eta = self.eta(step, total_steps, metrics) if total_steps else None
+        if eta is not None:
+            shown.append(f"ETA {format_duration(eta)}")
         self.console.print(f"[bold]{where}[/bold]  " + "  ".join(shown))
+
+    def eta(self, step: int, total_steps: int, metrics: dict[str, float]) -> float | None:
+        """Seconds left in the run: steps left x the mean wall time per step since the first
+        step this logger saw (evaluations and checkpoints in between included); at that first
+        step its own `time/step`. None when nothing says yet, or when the run is at its end."""
+        now = self.clock()
+        if self._first is None:
+            self._first = (step, now)
+        first_step, first_time = self._first
+        if step > first_step:
+            per_step = (now - first_time) / (step - first_step)
+        elif isinstance(metrics.get("time/step"), (int, float)):
+            per_step = float(metrics["time/step"])
+        else:
+            return None
+        left = total_steps - step
+        return per_step * left if left > 0 else None
 
     def _write_pending(self) -> None:
         """Append the pending lines whole or not at all: a write cut by a full disk is truncated

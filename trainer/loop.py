@@ -44,6 +44,7 @@ from trainer.config import (
 from trainer.device import all_gather_objects, any_rank, resolve_device
 from trainer.evaluation import eval_metrics
 from trainer.logging import RunLogger, disk_hint
+from trainer.progress import Progress
 from trainer.regularizers import kl_in_reward
 from trainer.sampling import INFRA_FAILURES, filter_groups, infra_failed_episodes, overlong_penalty
 
@@ -679,7 +680,8 @@ class Trainer:
         seeds = self.sampler.next(cfg.train.tasks_per_step)[self.rank :: self.world]
         picked = materialise(cfg.env.id, seeds, task_level(cfg.env, cfg.env.train))
         tasks = make_group_tasks(cfg.env.id, cfg.env.kwargs, picked, cfg.algo.group_size, first_group)
-        result = self.rollout.run(tasks, cfg.sampling)
+        with Progress("rollout", total=len(tasks), show_tokens=True, keep=False, enabled=self.rank == 0).on(self.rollout):
+            result = self.rollout.run(tasks, cfg.sampling)
         _shift_traj_ids(result.samples, first_traj)
         self._last_picked = picked
         if cfg.train.exclude_infra_failures:
@@ -786,7 +788,8 @@ class Trainer:
             task_level(cfg.env, cfg.env.eval),
         )
         tasks = make_group_tasks(cfg.env.id, cfg.env.kwargs, shard, cfg.env.eval.samples_per_task)
-        result = self.rollout.run(tasks, cfg.train.eval_sampling, seed=cfg.train.seed + step)
+        with Progress("eval", total=len(tasks), enabled=self.rank == 0).on(self.rollout):  # rank 0's share
+            result = self.rollout.run(tasks, cfg.train.eval_sampling, seed=cfg.train.seed + step)
         summaries = _gather(result.episodes, self.world)
         metrics = eval_metrics(summaries, answer_of=lambda s: s.get("final_answer"))
         metrics["eval/invalid_rate"] = sum(s["parse_errors"] for s in summaries) / max(

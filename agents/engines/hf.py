@@ -9,6 +9,7 @@ distribution each token was drawn from come out of the same softmax that drew it
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,6 +32,7 @@ class HFEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0}
+        self._cache_kwarg = _cache_kwarg(self.model)
 
     @classmethod
     def from_pretrained(
@@ -84,11 +86,11 @@ class HFEngine:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past,
                 use_cache=True,
                 logits_to_keep=1,
+                **{self._cache_kwarg: past},
             )
-            past, logits = outputs.past_key_values, outputs.logits[:, -1, :]
+            past, logits = _cache_of(outputs), outputs.logits[:, -1, :]
             if step == 0 and len(unique) < batch:  # after prefill
                 past.reorder_cache(inverse)
                 logits, attention_mask, position_ids = (
@@ -235,6 +237,24 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
             "HFEngine: neither the model's generation_config nor the tokenizer names an EOS token"
         )
     return ids
+
+
+def _cache_kwarg(model: Any) -> str:
+    """The name the model's forward takes its KV cache under: `cache` since transformers 5.x
+    renamed it (the old `past_key_values` still works there but warns on every call), else
+    `past_key_values` (older transformers, the GPU machines' included)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(outputs: Any) -> Any:
+    """The KV cache a forward returned, read under the field name its output class declares
+    (reading the old name on a renamed class logs a deprecation)."""
+    fields = getattr(type(outputs), "__dataclass_fields__", {})
+    return outputs.cache if "cache" in fields else outputs.past_key_values
 
 
 def _generator(seed: int | None, device: str) -> torch.Generator | None:

@@ -255,3 +255,64 @@ def test_load_weights_empties_the_prefix_cache(tiny_model_dir, prompts):
     assert len(engine.prefix_cache) == 3
     engine.load_weights(build_tiny_llama(len(engine.tokenizer), seed=1).named_parameters())
     assert len(engine.prefix_cache) == 0 and engine.prefix_cache.nbytes == 0
+
+
+def test_generating_twice_warns_about_no_deprecated_cache_name(engine, prompts):
+    """transformers 5.x renamed `past_key_values` to `cache` (a FutureWarning per call and a
+    logged deprecation); the engine passes and reads the cache under the name the installed
+    version wants, so a training run prints neither, on any step."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    if hasattr(hf_logging.warning_once, "cache_clear"):
+        hf_logging.warning_once.cache_clear()  # logged once per process: let this test see it
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=3, seed=0))
+    finally:
+        hf_logger.removeHandler(handler)
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in records]
+    assert not [m for m in messages if "past_key_values" in m or "cache_params" in m], messages
+
+
+def test_a_model_that_takes_the_old_cache_name_gets_it(engine, prompts):
+    """transformers before the rename (the GPU machines' version): forward takes
+    `past_key_values` and its output declares that field. A stand-in with that interface over
+    the same model samples exactly what the engine samples, the prefix cache's prefill included."""
+    from dataclasses import dataclass
+
+    from transformers.modeling_outputs import ModelOutput
+
+    @dataclass
+    class OldOutput(ModelOutput):
+        logits: torch.Tensor | None = None
+        past_key_values: object = None
+
+    class OldNames(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.generation_config = inner.generation_config
+
+        def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True,
+                    logits_to_keep=0):  # fmt: skip
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep)  # fmt: skip
+            return OldOutput(logits=out.logits, past_key_values=out.cache)
+
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=4)
+    old = HFEngine(OldNames(engine.model), engine.tokenizer)
+    new = HFEngine(engine.model, engine.tokenizer)
+    assert old._cache_kwarg == "past_key_values" and new._cache_kwarg == "cache"
+    for _ in range(2):  # the second call prefills from the prefix cache
+        assert_same_results(old.generate(prompts, greedy), new.generate(prompts, greedy))
+    assert old.take_stats()["engine/cached_prompt_tokens"] > 0
