@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import sys
@@ -43,7 +44,7 @@ TASK_TYPES = (
 )
 OFFICIAL_SPLITS = ("train", "valid_seen", "valid_unseen")
 SPLITS = (*OFFICIAL_SPLITS, "generated")
-LEVEL_KEYS = ("split", "data_dir", "task_types", "scenes", "cache_dir")
+LEVEL_KEYS = ("split", "data_dir", "task_types", "scenes", "cache_dir", "shuffle")
 DATA_VERSION = "json_2.1.1"  # the folder name of the official release (its files use the 2.1.2 grammar)
 _BANNER = "-= Welcome to TextWorld, ALFRED! =-"
 _TASK_LINE = re.compile(r"^Your task is to: (.*)$", re.MULTILINE)
@@ -215,7 +216,9 @@ def task_options(seeds: Iterable[int], level: dict) -> list[dict]:
     `task_types` (keep only these), and for `split: generated` also `scenes` (seen | unseen)
     and `cache_dir`; keys of the other kind of split are ignored (a train level and an eval
     level are merged). Official splits: seed i plays game i mod N of the solvable games sorted
-    by path. Generated: seed i makes (once, cached) a game of type task_types[i mod T] from seed i.
+    by path, or with `shuffle: true` of a fixed shuffle of them (seed 0), so that a range of
+    seeds is a seeded subset of every task type rather than the first type's games.
+    Generated: seed i makes (once, cached) a game of type task_types[i mod T] from seed i.
     """
     seeds = [int(s) for s in seeds]
     split, task_types = _check_level(level)
@@ -234,6 +237,8 @@ def task_options(seeds: Iterable[int], level: dict) -> list[dict]:
             + (f" of task_types {task_types}" if task_types else "")
             + "; check the level keys data_dir and task_types"
         )
+    if level.get("shuffle"):
+        random.Random(0).shuffle(games)
     return [{"game_file": games[s % len(games)]} for s in seeds]
 
 

@@ -249,6 +249,18 @@ def test_task_options_official_split(valid_seen, tmp_path, isolated_cache):
     assert names == expected
 
 
+def test_shuffled_official_split_is_a_fixed_subset_of_every_type(valid_seen, isolated_cache):
+    level = {"split": "valid_seen", "shuffle": True}
+    picked = [o["game_file"] for o in task_options(range(60), level)]
+    assert picked == [o["game_file"] for o in task_options(range(60), level)]  # the same subset every time
+    assert len(set(picked)) == 60 and set(picked) <= set(valid_seen)
+    # sorted by path the first 60 games hold only the first types; shuffled, all six appear
+    from environments.alfworld_env import TASK_TYPES, task_type_of
+
+    assert {task_type_of(p) for p in picked} == set(TASK_TYPES)
+    assert {task_type_of(p) for p in valid_seen[:60]} != set(TASK_TYPES)
+
+
 def test_missing_splits_and_bad_levels(tmp_path, isolated_cache):
     with pytest.raises(FileNotFoundError, match="valid_unseen.*data_dir"):
         task_options([0], {"split": "valid_unseen", "data_dir": str(tmp_path)})
