@@ -225,6 +225,9 @@ class TrainConfig:
     tasks_per_step: int = 4  # prompts (tasks) per RL step; samples = tasks_per_step * group_size
     eval_before: bool = True
     eval_after: bool = True
+    # also play uniformly random valid commands on the eval tasks at the end (the env must list
+    # them): the floor the policy must clear, in the summary as eval/success_random
+    eval_random: bool = False
     eval_every: int = 0  # 0 = only before/after
     # leave episodes ended by env_error / engine_error / timeout (and their branches) out of the
     # update: their reward is a fault's, not the policy's. Counted as rollout/excluded_episodes.

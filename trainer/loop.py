@@ -469,6 +469,8 @@ class Trainer:
                 summary["eval/success_after"] = self.evaluate(step=cfg.train.steps)["eval/success"]
                 if any_rank(sigterm.is_set()):
                     self._stop_on_sigterm(cfg.train.steps, "during the final evaluation")
+            if cfg.train.eval_random and "eval/success_random" not in summary:
+                summary["eval/success_random"] = self.evaluate(cfg.train.steps, agent="random")["eval/random/success"]
             summary["train/steps"] = float(cfg.train.steps)
             if cfg.train.save_model:  # a SIGTERM now lets the export finish: the run is done after it
                 self._export(self.run_dir / "model")
@@ -776,20 +778,37 @@ class Trainer:
                     metrics[f"ctrl/{name}/{key}"] = float(value)
         return metrics
 
-    def evaluate(self, step: int) -> dict[str, float]:
+    def evaluate(self, step: int, agent: str = "model") -> dict[str, float]:
         """Play the eval tasks (sharded over ranks) and log success with its interval, pass@k and
-        maj@k when tasks have several samples, and success by task type / subject / level."""
+        maj@k when tasks have several samples, and success by task type / subject / level.
+        `agent="random"` plays uniformly random valid commands instead of the policy (the floor
+        a policy must clear), logged as eval/random/*."""
         cfg = self.cfg
+        if agent != "model":
+            rollout = Rollout(None, None, dataclasses.replace(cfg.rollout, agent=agent))
+            try:
+                metrics = self._play_eval(step, rollout)
+            finally:
+                rollout.close()
+            metrics = {k.replace("eval/", f"eval/{agent}/", 1): v for k, v in metrics.items()}
+            self.logger.log(step, metrics)
+            return metrics
         if self.learner is not None and self._synced_step != self.current_step:  # off-policy lag
             self._sync_engine()
+        metrics = self._play_eval(step, self.rollout)
+        self.logger.log(step, metrics)
+        return metrics
+
+    def _play_eval(self, step: int, rollout: Rollout) -> dict[str, float]:
+        cfg = self.cfg
         shard = materialise(
             cfg.env.id,
             list(range(*cfg.env.eval.seeds))[self.rank :: self.world],
             task_level(cfg.env, cfg.env.eval),
         )
         tasks = make_group_tasks(cfg.env.id, cfg.env.kwargs, shard, cfg.env.eval.samples_per_task)
-        with Progress("eval", total=len(tasks), enabled=self.rank == 0).on(self.rollout):  # rank 0's share
-            result = self.rollout.run(tasks, cfg.train.eval_sampling, seed=cfg.train.seed + step)
+        with Progress("eval", total=len(tasks), enabled=self.rank == 0).on(rollout):  # rank 0's share
+            result = rollout.run(tasks, cfg.train.eval_sampling, seed=cfg.train.seed + step)
         summaries = _gather(result.episodes, self.world)
         metrics = eval_metrics(summaries, answer_of=lambda s: s.get("final_answer"))
         metrics["eval/invalid_rate"] = sum(s["parse_errors"] for s in summaries) / max(
@@ -804,7 +823,6 @@ class Trainer:
                 f"[red]eval: {metrics['eval/infra_failures']:.0f} of {len(summaries)} episodes ended by an env, "
                 f"engine or timeout failure (counted as lost): {'; '.join(errors)[:500]}[/red]"
             )
-        self.logger.log(step, metrics)
         return metrics
 
     def _write_summary(self, summary: dict[str, float]) -> None:

@@ -43,7 +43,7 @@ class DemonstrationError(ValueError):
     """The SFT data could not be made (bad JSONL line, an expert that wins nothing); says the fix."""
 
 
-def sft_config(cfg: Config, output_dir: str, eval_before: bool, eval_after: bool) -> Config:
+def sft_config(cfg: Config, output_dir: str, eval_before: bool, eval_after: bool, eval_random: bool = False) -> Config:
     """The config an SFT run trains with: the `nll` loss and nothing else in the objective, the
     sft.* schedule, one optimizer step per step; model, learner sizes, rollout and eval as given."""
     sft = cfg.sft
@@ -64,6 +64,7 @@ def sft_config(cfg: Config, output_dir: str, eval_before: bool, eval_after: bool
             output_dir=output_dir,
             eval_before=eval_before,
             eval_after=eval_after,
+            eval_random=eval_random,
             eval_every=0,
             max_staleness=0,
         ),
@@ -141,7 +142,8 @@ def run_sft(cfg: Config, run_name: str) -> dict[str, float]:
     """`entrorl sft`: SFT alone, evaluated before and after as train.eval_before/after say."""
     output = cfg.train.output_dir or _default_dir(run_name)
     trainer = SFTTrainer(
-        sft_config(cfg, output, cfg.train.eval_before, cfg.train.eval_after), run_name=run_name
+        sft_config(cfg, output, cfg.train.eval_before, cfg.train.eval_after, cfg.train.eval_random),
+        run_name=run_name,
     )
     return trainer.train()
 
@@ -167,9 +169,10 @@ def run_sft_then_rl(cfg: Config, run_name: str) -> dict[str, float]:
     )
     trainer = Trainer(rl_cfg, run_name=run_name)
     summary = trainer.train()
-    merged = {"eval/success_after_sft": summary.pop("eval/success_before", float("nan"))}
+    merged = {}  # the stages in order: base, after SFT, after RL, then the rest
     if "eval/success_before" in sft_summary:
         merged["eval/success_before"] = sft_summary["eval/success_before"]
+    merged["eval/success_after_sft"] = summary.pop("eval/success_before", float("nan"))
     merged.update(summary)
     merged["sft/steps"] = float(cfg.sft.steps)
     trainer._write_summary(merged)

@@ -164,18 +164,23 @@ def test_train_with_an_sft_stage_end_to_end(number_model_dir, game_cache, tmp_pa
     monkeypatch.chdir(ROOT)
     args = [
         "train", "configs/debug/cpu_tiny.yaml", f"model.name={number_model_dir}", f"train.output_dir={tmp_path}",
-        "sft.source=expert", "sft.steps=2", "sft.batch_size=2",
+        "sft.source=expert", "sft.steps=2", "sft.batch_size=2", "train.eval_random=true",
     ]  # fmt: skip
     code, summary, _ = _main(args, capsys)
     assert code == 0
-    for key in ("eval/success_before", "eval/success_after_sft", "eval/success_after"):
-        assert 0.0 <= summary[key] <= 1.0, summary
+    stages = ["eval/success_before", "eval/success_after_sft", "eval/success_after", "eval/success_random"]
+    assert list(summary)[:4] == stages  # the last line says each stage, in order, and the floor
+    assert all(0.0 <= summary[key] <= 1.0 for key in stages), summary
     assert summary["sft/steps"] == 2.0 and summary["train/steps"] == 2.0
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     sft = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in sft if "loss/nll" in r]
     assert [r["step"] for r in steps] == [1, 2] and all(r["learner/optimizer_steps"] == 1 for r in steps)
     assert (tmp_path / "sft" / "model" / "model.safetensors").exists()  # RL started from it
+    rl = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    floor = [r for r in rl if "eval/random/success" in r]
+    assert len(floor) == 1 and floor[0]["eval/random/episodes"] == 2.0  # the 2 eval games, no model
+    assert floor[0]["eval/random/success"] == summary["eval/success_random"]
     rl_config = load(tmp_path / "config.yaml")
     assert rl_config.model.name == str(tmp_path / "sft" / "model")
     assert (tmp_path / "model" / "model.safetensors").exists()
