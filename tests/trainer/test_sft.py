@@ -210,3 +210,33 @@ def test_sft_alone_on_a_jsonl_file(number_model_dir, tmp_path, monkeypatch, caps
     code, _, err = _main(["sft", "configs/math/arith_cpu.yaml", f"model.name={number_model_dir}", f"sft.source={bad}",
                      f"train.output_dir={tmp_path / 'bad'}"], capsys)  # fmt: skip
     assert code == 2 and f"{bad}:2:" in err  # the file and line of the bad conversation
+
+
+def test_sft_resumes_mid_pass_exactly(number_model_dir, tmp_path, monkeypatch, capsys):
+    """5 conversations, 3 a step: step 2 ends one sample into the second pass over the data, so a
+    resume from its checkpoint must restore the sampler's position, not restart the pass."""
+    monkeypatch.chdir(ROOT)
+    chats = tmp_path / "chats.jsonl"
+    lines = [
+        {"messages": [{"role": "user", "content": f"{a}+{b}?"}, {"role": "assistant", "content": f"\\boxed{{{a + b}}}"}]}
+        for a, b in ((2, 2), (13, 5), (7, 30), (41, 8), (6, 6))
+    ]
+    chats.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    common = [
+        "configs/math/arith_cpu.yaml", f"model.name={number_model_dir}", f"sft.source={chats}", "sft.batch_size=3",
+        "sft.lr=1e-3", "train.eval_before=false", "train.eval_after=false", "train.save_model=false", "learner.threads=1",
+    ]  # fmt: skip
+
+    def losses(folder: Path) -> dict[int, float]:
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss/nll"] for r in records if "loss/nll" in r}
+
+    straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "resumed"
+    assert _main(["sft", *common, "sft.steps=4", f"train.output_dir={straight}"], capsys)[0] == 0
+    assert _main(["sft", *common, "sft.steps=2", "train.save_every=2", f"train.output_dir={first}"], capsys)[0] == 0
+    checkpoint = first / "checkpoints" / "step_00000002"
+    args = ["sft", *common, "sft.steps=4", f"train.resume={checkpoint}", f"train.output_dir={resumed}"]
+    assert _main(args, capsys)[0] == 0
+    assert losses(first) == {k: v for k, v in losses(straight).items() if k <= 2}
+    assert losses(resumed) == {k: v for k, v in losses(straight).items() if k > 2}  # bit for bit
+    assert len(set(losses(straight).values())) == 4  # the batches differ: the test can tell them apart
