@@ -7,7 +7,7 @@ action sequences) per 1k generated tokens, generated tokens, and the branch metr
 several --seeds, their mean +- sd over the seeds (one seed is noisy: flat sampling won 7 of 64
 math episodes in one batch and 2 of 64 when the same groups ran in two batches).
 
-    .venv/bin/python scripts/branch_experiment.py                      # quickstart games, SmolLM2
+    .venv/bin/python scripts/branch_experiment.py                      # small TextWorld games, SmolLM2
     .venv/bin/python scripts/branch_experiment.py --model runs/x/model # a trained policy
     .venv/bin/python scripts/branch_experiment.py --config configs/experiments/branch_math_tool_cpu.yaml
     .venv/bin/python scripts/branch_experiment.py --config configs/alfworld_grpo.yaml --tasks 8
@@ -23,7 +23,7 @@ from dataclasses import replace
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/quickstart.yaml")
+    parser.add_argument("--config", default="configs/experiments/textworld_cpu_base.yaml")
     parser.add_argument("--model", default=None, help="default: the config's model")
     parser.add_argument("--tasks", type=int, default=8, help="task groups (from the eval seeds)")
     parser.add_argument("--group", type=int, default=8, help="episodes per group (the budget k)")
