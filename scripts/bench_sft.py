@@ -6,7 +6,7 @@
 
 Data: `--samples` chat conversations of uneven lengths (a seeded mix of 1-4 user/assistant turns,
 texts of log-uniform word counts), written as a JSONL file and turned into `Trajectory` samples by
-`trainer.sft_data.chat_samples` with the model's tokenizer (loss on the assistant turns). The
+`agents.chat_data.chat_samples` with the model's tokenizer (loss on the assistant turns). The
 samples are cut into consecutive batches of `--batch-size`; both sides train on the same batches
 in the same order, fp32, on `--threads` CPU threads, one optimizer step per batch.
 
@@ -105,7 +105,7 @@ def load_samples(path: str | Path, model_dir: str | Path) -> list[Trajectory]:
     """The SFT samples of a JSONL file of chats, tokenized with `model_dir`'s tokenizer."""
     from transformers import AutoTokenizer
 
-    from trainer.sft_data import chat_samples
+    from agents.chat_data import chat_samples
 
     return chat_samples(path, AutoTokenizer.from_pretrained(model_dir))
 

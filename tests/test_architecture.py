@@ -18,7 +18,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("agents", "environments", "trainer")
-TRAINER_MAY_IMPORT = ("agents.types", "agents.config", "agents.rollout", "agents.tasks", "agents.engines")
+TRAINER_MAY_IMPORT = (
+    "agents.types",
+    "agents.config",
+    "agents.rollout",
+    "agents.tasks",
+    "agents.engines",
+    "agents.chat_data",  # SFT demonstrations from chat files, as Trajectory records
+)
 HEAVY = ("torch", "transformers", "deepspeed", "vllm")
 
 

@@ -430,7 +430,7 @@ class Trainer:
             wandb=cfg.train.wandb,
             config=OmegaConf.to_container(OmegaConf.structured(cfg)),
         )
-        self.logger.info(describe_sizes(cfg, self.world))
+        self.logger.info(self._describe_sizes())
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -443,6 +443,9 @@ class Trainer:
             self._start_history()
         self.current_step = self.start_step  # the RL step in progress (1-based once training)
         self._synced_step = self.start_step  # the engine holds the weights after this step
+
+    def _describe_sizes(self) -> str:
+        return describe_sizes(self.cfg, self.world)
 
     def _make_sampler(self) -> TaskSampler:
         """What each step draws: the train task ids (an SFT run draws its samples instead)."""

@@ -12,7 +12,7 @@ HF export. Its data (`sft.source`):
            and each action is the format's reply for it, so a demonstration is token for token
            the sample RL would train on had the model chosen those actions; the loss is on the
            action tokens. Only won episodes are kept.
-  a path   a JSONL file of OpenAI-format chats (`trainer/sft_data.py`), loss on assistant turns.
+  a path   a JSONL file of OpenAI-format chats (`agents/chat_data.py`), loss on assistant turns.
 
 Each step draws `sft.batch_size` samples from shuffled passes over the data (`TaskSampler` over
 sample indices: a resume continues mid-pass exactly) and takes one optimizer step.
@@ -74,6 +74,14 @@ def sft_config(cfg: Config, output_dir: str, eval_before: bool, eval_after: bool
 class SFTTrainer(Trainer):
     """`Trainer` whose step is one supervised optimizer step on a batch of demonstrations."""
 
+    def _describe_sizes(self) -> str:
+        cfg = self.cfg
+        return (
+            f"sft | ranks {self.world} | {cfg.train.steps} optimizer steps x {cfg.sft.batch_size} samples "
+            f"| lr {cfg.learner.lr} ({cfg.learner.lr_scheduler}) | micro-batch {cfg.learner.micro_batch_tokens} "
+            f"tokens | ZeRO-{cfg.learner.zero_stage}"
+        )
+
     def _make_sampler(self) -> TaskSampler:
         started = time.perf_counter()
         self.samples, info = demonstrations(self.cfg, self.engine.tokenizer)
@@ -102,7 +110,7 @@ def demonstrations(cfg: Config, tokenizer) -> tuple[list[Trajectory], str]:
     source = cfg.sft.source
     if source == EXPERT:
         return expert_samples(cfg, tokenizer)
-    from trainer.sft_data import ChatDataError, chat_samples
+    from agents.chat_data import ChatDataError, chat_samples
 
     try:
         samples = chat_samples(source, tokenizer, cfg.rollout.chat_template_kwargs, cfg.sft.max_tokens)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from agents.chat_data import ChatDataError, chat_samples, normalize_messages, render_conversation
 from agents.parsing import ToolCall, parse_tool_calls
-from trainer.sft_data import ChatDataError, chat_samples, normalize_messages, render_conversation
 
 SMOL_SYSTEM = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
