@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainer.device import global_rank
+
 _NAME = re.compile(r"^step_(\d{8})$")
 _MARKER = "COMPLETE"
 
@@ -37,10 +39,6 @@ _MARKER = "COMPLETE"
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def rng_state() -> dict[str, Any]:
@@ -103,7 +101,7 @@ class Checkpointer:
         checkpoint stays the latest."""
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".step_{step:08d}.tmp"
-        rank = _rank()
+        rank = global_rank()
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".step_*.tmp"):  # a save that died before its rename
@@ -160,7 +158,7 @@ class Checkpointer:
             )
             if critic_path is None:
                 raise RuntimeError(f"DeepSpeed could not load the critic in {path / 'critic'}")
-        rank_rng = path / f"rng_rank{_rank()}.pt"
+        rank_rng = path / f"rng_rank{global_rank()}.pt"
         # A run resumed on a different number of ranks keeps its fresh RNG for the new ranks.
         if rank_rng.is_file():
             set_rng_state(torch.load(rank_rng, weights_only=False))

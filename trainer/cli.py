@@ -139,15 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         metrics = Trainer(cfg, run_name=run_name, with_learner=False).evaluate(step=0)
         summary = {k: metrics[k] for k in ("eval/success", "eval/infra_failures")}
-    if _rank() == 0:
+    from trainer.device import global_rank
+
+    if global_rank() == 0:
         print(json.dumps(summary), flush=True)
     return 0
 
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def preflight(cfg, training: bool = True) -> None:

@@ -31,6 +31,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def global_rank() -> int:
+    """This process's rank in the process group (0 when there is none)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def resolve_device(spec: str) -> torch.device:
     """`train.device` -> this rank's torch device: `cpu`, `cuda` (= cuda:LOCAL_RANK) or `cuda:N`."""
     if spec == "cpu":

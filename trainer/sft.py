@@ -33,6 +33,7 @@ from agents.rollout import Rollout
 from agents.tasks import TaskSampler, make_group_tasks, materialise
 from agents.types import Trajectory
 from trainer.config import AlgoConfig, Config, NamedConfig, task_level
+from trainer.device import global_rank
 from trainer.loop import Trainer, _mean_over_ranks
 from trainer.progress import Progress
 
@@ -130,7 +131,7 @@ def expert_samples(cfg: Config, tokenizer) -> tuple[list[Trajectory], str]:
     )
     rollout = Rollout(None, tokenizer, rollout_cfg)
     try:
-        with Progress("sft demonstrations", total=len(tasks), enabled=_rank() == 0).on(rollout):
+        with Progress("sft demonstrations", total=len(tasks), enabled=global_rank() == 0).on(rollout):
             result = rollout.run(tasks, cfg.train.eval_sampling)
     finally:
         rollout.close()
@@ -185,10 +186,6 @@ def run_sft_then_rl(cfg: Config, run_name: str) -> dict[str, float]:
     merged["sft/steps"] = float(cfg.sft.steps)
     trainer._write_summary(merged)
     return merged
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def _default_dir(run_name: str) -> str:
