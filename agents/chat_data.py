@@ -1,6 +1,8 @@
-"""Supervised fine-tuning data: a JSONL file of OpenAI-format chats -> `Trajectory` records.
+"""Supervised fine-tuning data: a file of OpenAI-format chats -> `Trajectory` records.
 
-Each line is `{"messages": [...], "tools": [...]}` ("tools" optional). The messages are first
+A JSONL file holds one `{"messages": [...], "tools": [...]}` object per line ("tools" optional);
+a Parquet file (`.parquet`, read with pyarrow) one per row, in a `messages` column (and an
+optional `tools` column), as verl's and TRL's chat datasets store them. The messages are first
 normalised to what entrorl's own rollouts feed the model (`agents.prompts.ToolCalling`,
 `environments.math_env`): an assistant's OpenAI `tool_calls` become Hermes `<tool_call>` blocks
 after its text, and `tool` results become one user turn of `<tool_response>` blocks, so SFT teaches
@@ -16,7 +18,9 @@ template that re-renders earlier turns (e.g. drops past reasoning) is refused, n
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,23 +38,58 @@ class ChatDataError(ValueError):
 def chat_samples(
     path: str | Path, tokenizer: Any, template_kwargs: dict | None = None, max_tokens: int = 0
 ) -> list[Trajectory]:
-    """One `Trajectory` per non-blank line of `path`: the prompt is everything before the first
-    assistant turn, `loss_mask` is 1 on assistant turns only. `max_tokens > 0` refuses longer
-    conversations (rather than truncating them silently)."""
+    """One `Trajectory` per conversation of `path` (JSONL, or Parquet when it ends in .parquet):
+    the prompt is everything before the first assistant turn, `loss_mask` is 1 on assistant
+    turns only. `max_tokens > 0` refuses longer conversations (rather than truncating them
+    silently). A bad conversation fails naming `path:LINE` (JSONL, 1-based) or `path:row N`
+    (Parquet, 0-based as pandas and pyarrow count)."""
+    path = Path(path)
+    parquet = path.suffix == ".parquet"
     samples = []
-    # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which splitlines() cuts
-    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
+    for where, read in _parquet_records(path) if parquet else _jsonl_records(path):
         try:
-            sample = _sample(_read_line(line), tokenizer, template_kwargs, max_tokens, len(samples))
+            sample = _sample(read(), tokenizer, template_kwargs, max_tokens, len(samples))
         except ChatDataError as error:
-            raise ChatDataError(f"{path}:{line_no}: {error}") from None
-        sample.info = {"source": str(path), "line": line_no}
+            raise ChatDataError(f"{path}:{where}: {error}") from None
+        sample.info = {"source": str(path), "row" if parquet else "line": where}
         samples.append(sample)
     if not samples:
-        raise ChatDataError(f'{path}: no conversations; write one {{"messages": [...]}} JSON object per line')
+        shape = "rows with a messages column" if parquet else 'one {"messages": [...]} JSON object per line'
+        raise ChatDataError(f"{path}: no conversations; write {shape}")
     return samples
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, Callable[[], list[dict]]]]:
+    """(line number, reader of its normalised messages) per non-blank line."""
+    # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which splitlines() cuts
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        if line.strip():
+            yield line_no, functools.partial(_read_line, line)
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[str, Callable[[], list[dict]]]]:
+    """("row N", reader of its normalised messages) per row. Parquet stores the messages as
+    structs of one schema, so a field a message lacks comes back as None (a user turn's
+    tool_calls); `_message` reads None as absent."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ChatDataError(
+            f"{path}: reading Parquet needs pyarrow; pip install 'entrorl[data]' (or pyarrow), or give a JSONL file"
+        ) from None
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as error:
+        raise ChatDataError(f"{path}: not a readable Parquet file ({error})") from None
+    if "messages" not in table.column_names:
+        raise ChatDataError(
+            f"{path}: no 'messages' column (columns: {', '.join(table.column_names)}); "
+            "store each conversation's OpenAI-format messages in a column named messages"
+        )
+    columns = [name for name in ("messages", "tools") if name in table.column_names]
+    for row, record in enumerate(table.select(columns).to_pylist()):
+        yield f"row {row}", functools.partial(_read_record, record)
 
 
 def render_conversation(
@@ -105,7 +144,7 @@ def _message(message: Any, where: str, tool_names: set[str] | None) -> tuple[str
 
 def _tool_block(call: Any, where: str, tool_names: set[str] | None) -> str:
     function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict) or call.get("type", "function") != "function":
+    if not isinstance(function, dict) or (call.get("type") or "function") != "function":
         raise ChatDataError(f"{where} is not a function call; write it as {_SHAPE}")
     name, args = function.get("name"), function.get("arguments")
     if not isinstance(name, str) or not name:
@@ -129,7 +168,11 @@ def _read_line(line: str) -> list[dict]:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise ChatDataError(f"not valid JSON ({error}); write one JSON object per line") from None
-    if not isinstance(record, dict) or "messages" not in record:
+    return _read_record(record)
+
+
+def _read_record(record: Any) -> list[dict]:
+    if not isinstance(record, dict) or record.get("messages") is None:
         raise ChatDataError('no "messages" key; write {"messages": [{"role": ..., "content": ...}, ...]}')
     tools = record.get("tools")
     return normalize_messages(record["messages"], None if tools is None else _tool_names(tools))

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("train", "train a policy (after an SFT stage when sft.source is set)"),
-        ("sft", "supervised fine-tuning on demonstrations (sft.source: expert or a JSONL file)"),
+        ("sft", "supervised fine-tuning on demonstrations (sft.source: expert or a JSONL/Parquet file)"),
         ("eval", "evaluate a policy on the eval tasks (agent=expert / agent=random: the envs' floors)"),
     ):
         p = sub.add_parser(name, help=help_text)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         check_env_kwargs(cfg.env.id, cfg.env.kwargs)
         if args.command == "sft" and not cfg.sft.source:
             raise ValueError(
-                "entrorl sft needs sft.source: expert (the envs' walkthroughs) or a JSONL file of chats"
+                "entrorl sft needs sft.source: expert (the envs' walkthroughs) or a JSONL/Parquet file of chats"
             )
         if cfg.rollout.agent == "model":  # the expert and random agents load no model, use no device
             preflight(cfg, training=args.command != "eval")

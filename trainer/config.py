@@ -262,8 +262,8 @@ class SFTConfig:
 
     source:  "" = no SFT stage; "expert" = the env's walkthroughs played through the rollout
              loop with this config's prompt format (the samples are the tokens RL trains on,
-             loss on the action tokens); a path = a JSONL file of OpenAI-format chats (loss on
-             assistant turns).
+             loss on the action tokens); a path = a JSONL or .parquet file of OpenAI-format
+             chats (loss on assistant turns).
     seeds:   expert: the [start, stop) task ids to play (default env.train.seeds), one episode
              each; only won episodes are kept.
     steps:   optimizer steps; each takes `batch_size` samples (shuffled passes over the data,
@@ -277,7 +277,7 @@ class SFTConfig:
     lr: float = 5e-5
     lr_scheduler: str = "constant"
     warmup_steps: int = 0
-    max_tokens: int = 0  # JSONL: a conversation longer than this fails naming its line (0 = no cap)
+    max_tokens: int = 0  # chat files: a longer conversation fails naming its line/row (0 = no cap)
 
 
 @dataclass

@@ -12,7 +12,8 @@ HF export. Its data (`sft.source`):
            and each action is the format's reply for it, so a demonstration is token for token
            the sample RL would train on had the model chosen those actions; the loss is on the
            action tokens. Only won episodes are kept.
-  a path   a JSONL file of OpenAI-format chats (`agents/chat_data.py`), loss on assistant turns.
+  a path   a JSONL or Parquet file of OpenAI-format chats (`agents/chat_data.py`), loss on
+           assistant turns.
 
 Each step draws `sft.batch_size` samples from shuffled passes over the data (`TaskSampler` over
 sample indices: a resume continues mid-pass exactly) and takes one optimizer step.
@@ -41,7 +42,7 @@ EXPERT = "expert"
 
 
 class DemonstrationError(ValueError):
-    """The SFT data could not be made (bad JSONL line, an expert that wins nothing); says the fix."""
+    """The SFT data could not be made (a bad chat line or row, an expert that wins nothing); says the fix."""
 
 
 def sft_config(cfg: Config, output_dir: str, eval_before: bool, eval_after: bool, eval_random: bool = False) -> Config:

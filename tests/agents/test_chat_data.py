@@ -242,3 +242,46 @@ class RewritingTemplate:
 def test_template_that_rewrites_earlier_turns_is_refused(smol_tokenizer):
     with pytest.raises(ChatDataError, match="assistant turn 1 differently"):
         render_conversation(GOOD["messages"], RewritingTemplate(smol_tokenizer))
+
+
+def write_parquet(path, records) -> str:
+    """`records` as a Parquet table, the way pandas/datasets write chat data: pyarrow infers one
+    struct schema for all messages, so a key one message lacks comes back as None."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(records), path)
+    return str(path)
+
+
+def test_parquet_rows_render_as_their_jsonl_lines(tmp_path, smol_tokenizer):
+    tools = [{"type": "function", "function": {"name": "add", "description": "a + b"}}]
+    records = [
+        GOOD,
+        {"messages": tool_conversation(), "tools": tools},
+    ]
+    jsonl = chat_samples(write_jsonl(tmp_path / "chats.jsonl", records), smol_tokenizer)
+    path = write_parquet(tmp_path / "chats.parquet", [{**GOOD, "tools": None}, records[1]])
+    parquet = chat_samples(path, smol_tokenizer)
+    # the schema gives GOOD's messages tool_calls=None, tool_call_id=None: read as absent
+    for row, (a, b) in enumerate(zip(jsonl, parquet, strict=True)):
+        assert (b.prompt_ids, b.response_ids, b.loss_mask) == (a.prompt_ids, a.response_ids, a.loss_mask)
+        assert b.info == {"source": path, "row": f"row {row}"}
+    assert parquet[1].prompt_ids + parquet[1].response_ids == expected(smol_tokenizer, TOOL_PIECES)[0]
+
+
+def test_bad_parquet_row_and_missing_column_are_named(tmp_path, smol_tokenizer):
+    bad = {"messages": [{"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Hi"}]}
+    path = write_parquet(tmp_path / "bad.parquet", [GOOD, GOOD, bad])
+    with pytest.raises(ChatDataError) as error:
+        chat_samples(path, smol_tokenizer)
+    assert str(error.value).startswith(f"{path}:row 2: ")
+    assert "starts with an assistant" in str(error.value)
+
+    path = write_parquet(tmp_path / "prompts.parquet", [{"prompt": GOOD["messages"]}])
+    with pytest.raises(ChatDataError, match=r"no 'messages' column \(columns: prompt\)"):
+        chat_samples(path, smol_tokenizer)
+
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(ChatDataError, match="not a readable Parquet file"):
+        chat_samples(tmp_path / "junk.parquet", smol_tokenizer)
