@@ -30,6 +30,7 @@ def cli(monkeypatch):
         ("model.name=/no/such/model", "model.name=/no/such/model: no such folder"),
         ("model.name=runs/a/model", "model.name=runs/a/model: no such folder"),
         ("rollout.engine=sglang", "rollout.engine='sglang'"),
+        ("sft.source=", """`sft.source=` is null on the command line: write 'sft.source=""'"""),
     ],
 )
 def test_bad_values_exit_2_naming_the_key(cli, capsys, override, says):

@@ -318,7 +318,10 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
         cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
-        raise ConfigError(f"config key {key}: {getattr(exc, 'msg', exc)}") from None
+        message = f"config key {key}: {getattr(exc, 'msg', exc)}"
+        if f"{key}=" in overrides and "'None'" in message:  # OmegaConf reads a bare `key=` as null
+            message += f"""; `{key}=` is null on the command line: write '{key}=""' for an empty string"""
+        raise ConfigError(message) from None
     except ValueError as exc:  # a section's own check (__post_init__) names its key
         raise ConfigError(str(exc)) from None
     finalize(cfg)
