@@ -142,7 +142,7 @@ class AlgoConfig:
                     (covariance means, KL-Cov's top-k threshold, Clip-Cov's drop count: each
                     candidate dropped with the global probability, exact in expectation), the
                     AEPO loss's entropy z-score, HAPO's entropy quantile and STEER's |Omega|
-                    range (`batch_stats_fn` in trainer/losses.py). BAPO has its own `scope`
+                    range (`batch_stats_fn` in trainer/losses/base.py). BAPO has its own `scope`
                     (its "step" reduces over the whole step through its controller).
     skip_zero_advantage: skip the compute of samples whose every advantage is 0. Exact only for
                     losses that are 0 at A = 0 with nothing else in the update, so it turns itself

@@ -2,7 +2,7 @@
 
 Entropy bonus, KL to a frozen reference, AEnt (clamped entropy), EPO (entropy smoothing), SIREN
 (selective entropy around a self-anchor) and Arbitrary-Entropy PO's temperature REINFORCE term.
-Each takes the same `LossInputs` as the policy losses (`trainer/losses.py`) plus its own params
+Each takes the same `LossInputs` as the policy losses (`trainer/losses/`) plus its own params
 dataclass and returns `LossOutput(per_token_loss [B, T], metrics)`, exactly zero where
 `loss_mask == 0`. Cross-step values (a coefficient, a reference entropy, an anchor) arrive as
 keyword arguments from the regulariser's controller (`trainer/controllers.py`):

@@ -1,5 +1,5 @@
 """Value-function math for PPO with a critic (arXiv 1707.06347, GAE 1506.02438): the clipped value loss and
-explained variance. Pure tensor functions over `[B, T]` rows, like `trainer/losses.py`; the
+explained variance. Pure tensor functions over `[B, T]` rows, like `trainer/losses/`; the
 critic module (`trainer/learner/critic.py`) runs the model and aggregates.
 """
 
