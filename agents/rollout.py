@@ -6,42 +6,42 @@ processes stepping in parallel), and decides whether each episode goes on. Error
 their episode: an env that raises or whose worker dies ends only that episode (`env_error`), a
 step that overruns `env_step_timeout` ends it with `timeout`, an unparsable reply becomes the
 format's fallback action and is counted. Env text is sanitised before it is tokenized
-(`sanitize_observation`): undecodable characters become U+FFFD and gigantic text is cut to
-`max_obs_chars`.
+(`sanitize_observation`, agents/observations.py): undecodable characters become U+FFFD and
+gigantic text is cut to `max_obs_chars`.
 
 `agent="expert"` plays each env's `walkthrough()` through the same loop instead of a model
 (`entrorl eval CONFIG agent=expert`). Without a tokenizer its turns have no tokens. With one it
 is a teacher: each turn's prompt is rendered exactly as for the model, and its "sampled" ids are
 the format's reply for the expert action (`reply_for`), so the samples are the ones RL would
 train on had the model chosen those actions (supervised fine-tuning, `trainer/sft.py`).
+
+Around the loop, in their own modules (every name other code imports from here still is):
+agents/episode_records.py holds `Task` and the episode records, and turns them into summaries,
+samples and metrics; agents/branch_tree.py a run's branching state (agents/brancher.py decides
+where to fork, this loop forks); agents/observations.py builds and sanitises observations.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
-import re
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from agents.brancher import (
-    BranchConfig,
-    GroupState,
-    PathView,
-    decide_turn_branches,
-    initial_roots,
-    premonitor_roots,
-    step_entropy,
-    token_fork_points,
-)
+from agents.branch_tree import _head, _joined, _TokenTree, _Tree
+from agents.brancher import initial_roots, premonitor_roots, step_entropy
 from agents.chat import check_template, delta_ids, encode, render_prompt
 from agents.config import RolloutConfig, SamplingConfig
 from agents.engines.base import InferenceEngine, SamplingParams
-from agents.parsing import final_answer, token_roles
+from agents.episode_records import Task, _Episode, _Turn, episode_samples, episode_summary, rollout_metrics
+from agents.observations import (
+    _as_text,
+    _observation,
+    anchor_key,
+    sanitize_observation,  # noqa: F401 - re-exported: `from agents.rollout import sanitize_observation`
+)
 from agents.prompts import Observation, build_format
 from agents.rewards import compose
 from agents.rewards import prefetch as prefetch_rewards
@@ -52,57 +52,6 @@ AGENTS = ("model", "expert", "random")
 DEFAULT_REWARDS = {"success": 1.0}
 # Reset-info keys copied into each episode's summary["task"]: evaluation splits success by them.
 TASK_META_KEYS = ("task_type", "task_name", "subject", "level")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-@dataclass
-class Task:
-    """One episode to play: which env, how to build and reset it, and its group."""
-
-    env_id: str
-    group_id: int
-    env_kwargs: dict = field(default_factory=dict)
-    reset_options: dict = field(default_factory=dict)
-    seed: int | None = None
-
-
-@dataclass
-class _Turn:
-    prompt_ids: list[int]
-    result: GenerationResult
-    action: str
-    parse_error: str | None
-    anchor_key: str | None = None  # hash of the observation the prompt was built from
-    reward: float = 0.0  # the env reward this turn's action received
-    obs: Observation | None = None  # what the prompt showed (a token-level fork restarts from it)
-    messages_len: int = 0  # trajectory mode: len(episode.messages) when the prompt was made
-
-
-@dataclass
-class _Episode:
-    task: Task
-    traj_id: int
-    handle: int | None = None  # the env's handle in the rollout's EnvPool
-    plan: list[str] | None = None  # expert agent: the walkthrough it plays
-    obs: Observation | None = None
-    history: list[tuple[str, str]] = field(default_factory=list)  # (observation, action) pairs
-    messages: list[dict] = field(default_factory=list)  # trajectory mode: the rendered roles
-    context_ids: list[int] = field(default_factory=list)  # trajectory mode: all ids so far
-    prompt_ids: list[int] = field(default_factory=list)  # trajectory mode: the first prompt
-    deltas: list[list[int]] = field(default_factory=list)  # trajectory mode: ids after each reply
-    turns: list[_Turn] = field(default_factory=list)
-    won: bool = False
-    score: float = 0.0
-    parse_errors: int = 0
-    parse_error_streak: int = 0
-    stop_reason: str | None = None
-    error: str | None = None
-    meta: dict = field(default_factory=dict)  # task metadata from the reset info (TASK_META_KEYS)
-    parent_id: int | None = None  # branched: the episode this one was forked from
-    fork_turn: int | None = None  # branched: turns [0, fork_turn) are the parent's
-    obs_truncated: int = 0  # observations of this episode (its own turns) cut to max_obs_chars
-    fork_offset: int = 0  # token-level branch: its fork turn's first tokens that are the parent's
-    prefix: GenerationResult | None = None  # token-level branch: those tokens, before they are played
 
 
 @dataclass
@@ -181,10 +130,10 @@ class Rollout:
             self._progress = None
             self.pool.close_many([ep.handle for ep in episodes if ep.handle is not None])
         t_reward = time.perf_counter()
-        prefetch_rewards([self._summary(ep) for ep in episodes if ep.turns], self.cfg.rewards or DEFAULT_REWARDS)
-        samples = [s for ep in episodes for s in self._samples(ep)]
+        prefetch_rewards([episode_summary(ep) for ep in episodes if ep.turns], self.cfg.rewards or DEFAULT_REWARDS)
+        samples = [s for ep in episodes for s in episode_samples(ep, self.reward_fn, self.cfg.mode)]
         timings["reward"] += time.perf_counter() - t_reward
-        metrics = self._metrics(episodes, timings)
+        metrics = rollout_metrics(episodes, timings, self.tokenizer, self.format.prefill)
         for branching in (tree, token_tree):
             if branching:
                 metrics.update(branching.metrics(episodes))
@@ -194,7 +143,7 @@ class Rollout:
         take_stats = getattr(self.engine, "take_stats", None)  # the HF engine's prefix-cache hits
         if take_stats is not None:
             metrics.update(take_stats())
-        return RolloutResult(samples, metrics, [self._summary(ep) for ep in episodes])
+        return RolloutResult(samples, metrics, [episode_summary(ep) for ep in episodes])
 
     def _play(
         self,
@@ -540,126 +489,6 @@ class Rollout:
             return "max_turns"  # the expert's walkthrough is played out and the episode goes on
         return None
 
-    # -- records ----------------------------------------------------------------------------------
-
-    def _summary(self, ep: _Episode) -> dict:
-        return {
-            "won": ep.won,
-            "score": ep.score,
-            "turns": len(ep.turns),
-            "parse_errors": ep.parse_errors,
-            "generated_tokens": sum(len(t.result.token_ids) for t in ep.turns),
-            "stop_reason": ep.stop_reason,
-            "env_id": ep.task.env_id,
-            "group_id": ep.task.group_id,
-            "traj_id": ep.traj_id,
-            "task": {**ep.meta, **ep.task.reset_options},
-            "actions": [t.action for t in ep.turns],
-            "turn_rewards": [t.reward for t in ep.turns],
-            "anchor_keys": [t.anchor_key for t in ep.turns],
-            "error": ep.error,
-            "parent_id": ep.parent_id,
-            "fork_turn": ep.fork_turn,
-            "final_answer": _final_answer(ep),
-        }
-
-    def _samples(self, ep: _Episode) -> list[Trajectory]:
-        if not ep.turns:
-            return []  # nothing was sampled (env failed at reset): nothing to train on
-        summary = self._summary(ep)
-        reward = self.reward_fn(summary)
-        common = dict(
-            reward=reward,
-            group_id=ep.task.group_id,
-            traj_id=ep.traj_id,
-            stop_reason=ep.stop_reason,
-            parent_id=ep.parent_id,
-            fork_turn=ep.fork_turn,
-        )
-        if self.cfg.mode == "step":
-            # A branch's turns before its fork are its parent's samples already: emitted once.
-            first = ep.fork_turn or 0
-            return [
-                Trajectory(
-                    prompt_ids=t.prompt_ids,
-                    response_ids=list(t.result.token_ids),
-                    # a token-level branch's fork turn: its first tokens are the parent's sample
-                    loss_mask=_own_mask(len(t.result.token_ids), ep.fork_offset if k == first else 0),
-                    rollout_logprobs=_own_values(t.result.logprobs, ep.fork_offset if k == first else 0),
-                    entropies=_own_values(t.result.entropies, ep.fork_offset if k == first else 0),
-                    turn_idx=k,
-                    step_reward=t.reward,
-                    anchor_key=t.anchor_key,
-                    turn_spans=[(0, len(t.result.token_ids))],
-                    info={**summary, "parse_error": t.parse_error} if k == first else {"parse_error": t.parse_error},
-                    **common,
-                )
-                for k, t in enumerate(ep.turns)
-                if k >= first
-            ]
-        return [self._trajectory_sample(ep, summary, common)]
-
-    def _trajectory_sample(self, ep: _Episode, summary: dict, common: dict) -> Trajectory:
-        ids, mask, logprobs, entropies, spans = [], [], [], [], []
-        for k, turn in enumerate(ep.turns):
-            n = len(turn.result.token_ids)
-            spans.append((len(ids), len(ids) + n))
-            ids += turn.result.token_ids
-            mask += [1] * n
-            logprobs += turn.result.logprobs
-            entropies += turn.result.entropies
-            if k < len(ep.deltas):
-                delta = ep.deltas[k]
-                ids += delta
-                mask += [0] * len(delta)
-                logprobs += [0.0] * len(delta)
-                entropies += [0.0] * len(delta)
-        return Trajectory(
-            prompt_ids=ep.prompt_ids,
-            response_ids=ids,
-            loss_mask=mask,
-            rollout_logprobs=logprobs,
-            entropies=entropies,
-            turn_spans=spans,
-            fork_token=None if ep.fork_turn is None else _fork_token(spans, ep.fork_turn, len(ids)) + ep.fork_offset,
-            info=summary,
-            **common,
-        )
-
-    def _role_entropy(self, turns: list[_Turn]) -> dict[str, float]:
-        """Mean entropy of the sampled tokens by role (reasoning, action, tool_call, answer)."""
-        if self.tokenizer is None:
-            return {}
-        by_role = _role_entropy_sums(self.tokenizer, turns, self.format.prefill)
-        return {f"entropy/role/{role}": sum(hs) / len(hs) for role, hs in by_role.items()}
-
-    def _metrics(self, episodes: list[_Episode], timings: Counter) -> dict[str, float]:
-        n = max(len(episodes), 1)
-        turns = [t for ep in episodes for t in ep.turns]
-        tokens = sum(len(t.result.token_ids) for t in turns)
-        entropy_sum = sum(sum(t.result.entropies) for t in turns)
-        metrics = {
-            "rollout/episodes": float(len(episodes)),
-            "rollout/success": sum(ep.won for ep in episodes) / n,
-            "rollout/score": sum(ep.score for ep in episodes) / n,
-            "rollout/turns": len(turns) / n,
-            "rollout/invalid_rate": sum(t.parse_error is not None for t in turns) / max(len(turns), 1),
-            "rollout/gen_tokens": float(tokens),
-            "rollout/obs_truncated": float(sum(ep.obs_truncated for ep in episodes)),
-            "entropy/rollout_mean": entropy_sum / max(tokens, 1),
-            "time/generate": timings["generate"],
-            "time/env": timings["env"],
-            "time/reward": timings["reward"],
-        }
-        for reason, count in Counter(ep.stop_reason for ep in episodes).items():
-            metrics[f"rollout/stop/{reason}"] = count / n
-        metrics.update(self._role_entropy(turns))
-        for k in range(max((len(ep.turns) for ep in episodes), default=0)):
-            kth = [ep.turns[k].result.entropies for ep in episodes if len(ep.turns) > k]
-            flat = [h for hs in kth for h in hs]
-            metrics[f"entropy/turn_{k}"] = sum(flat) / max(len(flat), 1)
-        return metrics
-
 
 def check_format_template(tokenizer: Any, format_name: str, template_kwargs: dict | None = None) -> tuple[bool, str]:
     """`entrorl check-template`: do a 3-turn episode's per-turn appends, as this loop builds them
@@ -685,205 +514,5 @@ def _thinks(tokenizer: Any, template_kwargs: dict | None) -> bool:
     return "<think>" in str(template) and (template_kwargs or {}).get("enable_thinking", True) is not False
 
 
-def _role_entropy_sums(tokenizer: Any, turns: list[_Turn], prefill: str) -> dict[str, list[float]]:
-    by_role: dict[str, list[float]] = {}
-    for turn in turns:
-        ids = turn.result.token_ids
-        if not ids:
-            continue
-        pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in ids]
-        for role, entropy in zip(token_roles(pieces, prefill), turn.result.entropies, strict=True):
-            by_role.setdefault(role, []).append(entropy)
-    return by_role
-
-
-def _observation(env_task: str, tools: list[dict], text: Any, info: dict, max_chars: int = 0) -> Observation:
-    """The prompt's view of an env's output; all env text sanitised (`sanitize_observation`)."""
-    task = sanitize_observation(info.get("objective") or env_task or "", max_chars)
-    choices = info.get("admissible_commands")
-    if isinstance(choices, (list, tuple)):
-        choices = [sanitize_observation(c, max_chars) for c in choices]
-    text = sanitize_observation(text, max_chars)
-    return Observation(task=task, text=text, choices=choices, tools=tools or None)
-
-
-def sanitize_observation(text: Any, max_chars: int = 0) -> str:
-    """Env text made safe to tokenize, as readable as it can stay.
-
-    Bytes are decoded as UTF-8 (bad bytes -> U+FFFD), None is "", anything else `str()`. Lone
-    surrogates, which a str decoded with `surrogateescape` carries and tokenizers refuse (a
-    TypeError, or "surrogates not allowed"), become U+FFFD; a well-formed surrogate pair becomes
-    its character.
-    With `max_chars` > 0, a longer text keeps its first ceil(max_chars / 2) and last
-    floor(max_chars / 2) characters around `\\n[... N chars dropped ...]\\n`. Pure; never raises.
-    """
-    text = _as_text(text)
-    if max_chars > 0 and len(text) > max_chars:
-        tail = max_chars // 2
-        head = max_chars - tail
-        text = f"{text[:head]}\n[... {len(text) - max_chars} chars dropped ...]\n{text[len(text) - tail :]}"
-    if _SURROGATE.search(text):
-        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
-    return text
-
-
-def _as_text(text: Any) -> str:
-    if isinstance(text, str):
-        return text
-    if isinstance(text, (bytes, bytearray)):
-        return bytes(text).decode("utf-8", errors="replace")
-    return "" if text is None else str(text)
-
-
-def anchor_key(obs: Observation | None) -> str | None:
-    """GiGPO anchor state: a stable hash (same across processes and runs, unlike `hash`) of the
-    raw observation a turn's prompt was built from (objective, text, offered commands), without
-    the history."""
-    if obs is None:
-        return None
-    raw = json.dumps([obs.task, obs.text, obs.choices], ensure_ascii=False)
-    return hashlib.sha1(raw.encode("utf-8")).hexdigest()[:16]
-
-
 def _ends_turn(tokenizer: Any, token_ids: list[int]) -> bool:
     return bool(token_ids) and token_ids[-1] == tokenizer.eos_token_id
-
-
-def _final_answer(ep: _Episode) -> str | None:
-    """The final answer (\\boxed{}, ####, Answer:) of the last reply, for maj@k; None if none."""
-    answer = final_answer(ep.turns[-1].action) if ep.turns else None
-    return answer if isinstance(answer, str) else None
-
-
-def _head(result: GenerationResult, j: int) -> GenerationResult:
-    """The first j sampled tokens of a reply, with their log-probs and entropies."""
-    return GenerationResult(result.token_ids[:j], result.logprobs[:j], result.entropies[:j], "length", result.entropy_is_exact)
-
-
-def _joined(prefix: GenerationResult, rest: GenerationResult) -> GenerationResult:
-    """A fork turn's reply: the parent's prefix, then what the engine sampled after it."""
-    return GenerationResult(
-        prefix.token_ids + rest.token_ids,
-        prefix.logprobs + rest.logprobs,
-        prefix.entropies + rest.entropies,
-        rest.finish_reason,
-        prefix.entropy_is_exact and rest.entropy_is_exact,
-    )
-
-
-def _own_mask(n: int, shared: int) -> list[int]:
-    return [0] * min(shared, n) + [1] * max(n - shared, 0)
-
-
-def _own_values(values: list[float], shared: int) -> list[float]:
-    """Per-token values with the shared prefix zeroed (0.0 where loss_mask == 0)."""
-    return [0.0] * min(shared, len(values)) + list(values[shared:])
-
-
-def _fork_token(spans: list[tuple[int, int]], fork_turn: int, length: int) -> int:
-    """Response position where a branch's own tokens start: its first own turn's reply."""
-    return spans[fork_turn][0] if fork_turn < len(spans) else length
-
-
-class _Tree:
-    """Branching state of one `run`: per group, the budget (the group's task count = leaves),
-    the brancher's `GroupState`, and the task template new roots are made from. Made fresh
-    every run, so nothing leaks across training steps."""
-
-    def __init__(self, cfg: BranchConfig, tasks: list[Task], seed: int | None, roots: dict[int, int] | None = None):
-        self.cfg = cfg
-        # With no seed (training), draw from the global RNG that checkpoints restore.
-        self.rng = random.Random(seed if seed is not None else random.getrandbits(64))
-        by_group: dict[int, list[Task]] = {}
-        for task in tasks:
-            by_group.setdefault(task.group_id, []).append(task)
-        self.template = {g: group[0] for g, group in by_group.items()}
-        self.states: dict[int, GroupState] = {}
-        self.roots: list[Task] = []
-        for g, group in by_group.items():
-            m = roots[g] if roots is not None else initial_roots(cfg, len(group))  # pre-monitored
-            self.states[g] = GroupState(budget=len(group), used=m)
-            self.roots += group[:m]
-        self.premonitored = roots
-        self.fork_entropies: list[float] = []  # step entropy of the turns that were forked after
-        self.other_entropies: list[float] = []
-
-    def decide(self, stepped: list[_Episode], window: int) -> list[_Episode]:
-        """The episodes to fork now (one entry per copy), group by group."""
-        by_group: dict[int, list[_Episode]] = {}
-        for ep in stepped:
-            by_group.setdefault(ep.task.group_id, []).append(ep)
-        parents: list[_Episode] = []
-        for g, group in sorted(by_group.items()):
-            views = [
-                PathView(
-                    i,
-                    step_entropy(ep.turns[0].result.entropies, window),
-                    step_entropy(ep.turns[-1].result.entropies, window),
-                    can_branch=ep.stop_reason is None,
-                )
-                for i, ep in enumerate(group)
-            ]
-            copies = decide_turn_branches(views, self.states[g], self.cfg, self.rng)
-            for i, view in enumerate(views):
-                (self.fork_entropies if i in copies else self.other_entropies).append(view.last_entropy)
-                parents += [group[i]] * copies.get(i, 0)
-        return parents
-
-    def refill(self, skip: set[int]) -> list[Task]:
-        """Tasks for the unused budget of every group not in `skip` (groups with live paths)."""
-        fresh = []
-        for g, state in self.states.items():
-            if g not in skip and state.left > 0:
-                fresh += [replace(self.template[g]) for _ in range(state.left)]
-                state.used = state.budget
-        return fresh
-
-    def metrics(self, episodes: list[_Episode]) -> dict[str, float]:
-        groups = max(len(self.states), 1)
-        branches = [ep for ep in episodes if ep.parent_id is not None]
-        roots = [ep for ep in episodes if ep.parent_id is None]
-        depth = {ep.traj_id: 0 for ep in roots}
-        for ep in sorted(branches, key=lambda e: e.traj_id):  # a parent has a smaller traj_id
-            depth[ep.traj_id] = depth.get(ep.parent_id, 0) + 1
-        # turns before the fork, plus a token-level branch's inherited head of its fork turn
-        shared = sum(sum(len(t.result.token_ids) for t in ep.turns[: ep.fork_turn]) + ep.fork_offset for ep in branches)
-        mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
-        return {
-            "branch/per_group": len(branches) / groups,
-            "branch/max_depth": float(max(depth.values(), default=0)),
-            "branch/fork_entropy": mean(self.fork_entropies),
-            "branch/other_entropy": mean(self.other_entropies),
-            "branch/budget_used": sum(s.used for s in self.states.values()) / max(sum(s.budget for s in self.states.values()), 1),
-            # generated tokens a branch did not have to sample again (flat sampling would have)
-            "branch/tokens_saved": float(shared),
-            "branch/success_root": mean([float(ep.won) for ep in roots]),
-            "branch/success_branch": mean([float(ep.won) for ep in branches]),
-        }
-
-
-class _TokenTree(_Tree):
-    """Token-level branching (CURE/ETMR) for one rollout: per group, `initial_roots` roots play
-    whole episodes; then each finished root forks at `forks` token positions the brancher picks
-    among its sampled tokens (`token_fork_points`), `continuations` branches each; budget left
-    (a root with too few eligible tokens, a reset failure) becomes fresh roots (`refill`).
-    Budget, templates, refill and metrics are `_Tree`'s. Made fresh every run."""
-
-    def fork_points(self, episodes: list[_Episode], eligible: Callable[[int], bool]) -> list[tuple[_Episode, int, int]]:
-        """(root, turn k, token j) once per branch to make, within each group's budget."""
-        points = []
-        for ep in episodes:
-            state = self.states[ep.task.group_id]
-            flat = [(k, j) for k, t in enumerate(ep.turns) for j in range(len(t.result.token_ids))]
-            if not flat or ep.handle is None:
-                continue
-            entropies = [ep.turns[k].result.entropies[j] for k, j in flat]
-            ok = [eligible(ep.turns[k].result.token_ids[j]) for k, j in flat]
-            chosen = token_fork_points(entropies, ok, self.cfg, self.rng)
-            self.fork_entropies += [entropies[i] for i in chosen]
-            self.other_entropies += [h for i, h in enumerate(entropies) if ok[i] and i not in chosen]
-            for i in chosen:
-                made = min(self.cfg.continuations, state.left)
-                state.used += made
-                points += [(ep, *flat[i])] * made
-        return points
