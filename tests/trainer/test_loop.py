@@ -1,6 +1,6 @@
-"""The pure parts of the training loop (trainer/loop.py): advantage inputs from step-wise samples
-(GiGPO, EMPG), DAPO group selection, overlong shaping, and the dynamic-sampling rollout loop with
-a fake rollout (no model, no env).
+"""The pure parts of the training loop: advantage inputs from step-wise samples (GiGPO, EMPG;
+trainer/advantage_inputs.py), DAPO group selection and overlong shaping (trainer/dapo_batch.py),
+and trainer/loop.py's dynamic-sampling rollout loop with a fake rollout (no model, no env).
 
 Run: .venv/bin/python -m pytest tests/trainer/test_loop.py -x -q
 """

@@ -40,7 +40,7 @@ class AdvantageInputs:
     turn_idx:      [B] long, which turn of its episode a step-wise sample is (GiGPO).
     step_rewards:  [B] float, this turn's share of the episode reward (GiGPO step returns): per-
                    turn rewards on the scale of `rewards`, whose sum over an episode's turns is
-                   its reward (`trainer/loop.py` derives them from the configured reward).
+                   its reward (`trainer/advantage_inputs.py` derives them from the configured reward).
     anchor_keys:   B hashables, the anchor state of each turn-sample, e.g. a hash of the raw
                    observation without history (GiGPO groups equal keys within a group).
     parent_ids:    [B] long, branched (tree) rollouts: the traj_id of the episode this row's
