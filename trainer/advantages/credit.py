@@ -72,7 +72,7 @@ def gigpo(inputs: AdvantageInputs, params: GiGPOParams) -> AdvantageOutput:
     this turn on. Singleton anchor groups get A^S = 0.
 
     Both levels must use the same reward: `step_rewards` are per-turn shares of `rewards` (an
-    episode's sum to its reward), not raw env rewards on another scale. `trainer/loop.py` makes
+    episode's sum to its reward), not raw env rewards on another scale. `trainer/advantage_inputs.py` makes
     them from the configured reward: the env's step reward times the weight of the `score`
     reward term on every turn, the rest of the episode reward on the last turn. With a reward
     of `success` only, R_{i,t} = gamma^(last - t) R_i, as in verl-agent (whose env pays the
