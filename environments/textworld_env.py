@@ -30,6 +30,10 @@ _BANNER_LINE = re.compile(r"[ _|\\$/<>]*")
 _PROMPT_LINE = re.compile(r"(^|\n)>[^\n]*\s*\Z")
 # Inform's parser runs "a. b", "a, b" and "a then b" as several commands in one step.
 _COMMAND_SEPARATOR = re.compile(r"[\n.,]|\bthen\b", re.IGNORECASE)
+# Never sent to the game: a backslash starts a dumb-frotz interpreter command, and an unknown one
+# (a sampled "\relro[...") makes frotz print its error in an endless loop (gigabytes of stdout a
+# minute, the step never returns); control characters are no text a player types.
+_UNSENDABLE = re.compile(r"[\\\x00-\x1f\x7f]")
 
 
 def games_dir(
@@ -98,9 +102,11 @@ def clean_observation(text: str, objective: str) -> str:
 
 
 def first_command(action: str) -> str:
-    """The first of several chained commands: the rest would be extra moves in one step, and a win
-    in mid-chain leaves textworld's score unread (None)."""
-    return _COMMAND_SEPARATOR.split(action, maxsplit=1)[0].strip()
+    """The first of several chained commands (the rest would be extra moves in one step, and a win
+    in mid-chain leaves textworld's score unread (None)), without backslashes and control
+    characters, which the interpreter must never see (`_UNSENDABLE`)."""
+    first = _COMMAND_SEPARATOR.split(action, maxsplit=1)[0]
+    return " ".join(_UNSENDABLE.sub(" ", first).split())
 
 
 class TextWorldEnv(TextEnv):

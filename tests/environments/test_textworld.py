@@ -134,10 +134,46 @@ def test_clean_observation():
         ("look then open box", "look"),
         ("look\nopen box", "look"),
         ("", ""),
+        ("\\relro[statlcun_pastedoc", "relro[statlcun_pastedoc"),  # a dumb-frotz meta-command
+        ("take \\ key", "take key"),
+        ("open\tthe\x00box\x7f", "open the box"),
     ],
 )
 def test_first_command(action, command):
     assert first_command(action) == command
+
+
+# Played in a child with a 1 MiB file-size limit on its output: unguarded, the backslash command
+# sends dumb-frotz into an endless error loop that wrote 64 GB of log in minutes and never returned.
+BACKSLASH_STEP = """
+import sys
+from environments.textworld_env import TextWorldEnv
+env = TextWorldEnv(sys.argv[1])
+env.reset()
+obs, reward, terminated, truncated, info = env.step("\\\\relro[statlcun_pastedoc_jspjcss_")
+assert reward == 0 and not terminated, (reward, terminated)
+obs, *_ = env.step("look")
+print("STEPPED", len(obs))
+"""
+
+
+def test_a_backslash_command_reaches_the_game_as_text_not_an_interpreter_command(games, tmp_path):
+    import resource
+    import subprocess
+    import sys
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    log = tmp_path / "out.txt"
+    with log.open("wb") as out:
+        child = subprocess.run(
+            [sys.executable, "-c", BACKSLASH_STEP, str(games[0])],
+            stdout=out, stderr=subprocess.STDOUT, preexec_fn=small_files, timeout=60,
+        )
+    text = log.read_text(errors="replace")
+    assert child.returncode == 0, text[-2000:]
+    assert "STEPPED" in text and "DUMB-FROTZ" not in text
 
 
 def test_user_game_files_as_tasks(games, tmp_path):
