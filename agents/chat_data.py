@@ -18,9 +18,8 @@ template that re-renders earlier turns (e.g. drops past reasoning) is refused, n
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +44,11 @@ def chat_samples(
     (Parquet, 0-based as pandas and pyarrow count)."""
     path = Path(path)
     parquet = path.suffix == ".parquet"
+    records, parse = (_parquet_records(path), _read_record) if parquet else (_jsonl_records(path), _read_line)
     samples = []
-    for where, read in _parquet_records(path) if parquet else _jsonl_records(path):
+    for where, raw in records:
         try:
-            sample = _sample(read(), tokenizer, template_kwargs, max_tokens, len(samples))
+            sample = _sample(parse(raw), tokenizer, template_kwargs, max_tokens, len(samples))
         except ChatDataError as error:
             raise ChatDataError(f"{path}:{where}: {error}") from None
         sample.info = {"source": str(path), "row" if parquet else "line": where}
@@ -59,16 +59,16 @@ def chat_samples(
     return samples
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, Callable[[], list[dict]]]]:
-    """(line number, reader of its normalised messages) per non-blank line."""
+def _jsonl_records(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) per non-blank line."""
     # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which splitlines() cuts
     for line_no, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if line.strip():
-            yield line_no, functools.partial(_read_line, line)
+            yield line_no, line
 
 
-def _parquet_records(path: Path) -> Iterator[tuple[str, Callable[[], list[dict]]]]:
-    """("row N", reader of its normalised messages) per row. Parquet stores the messages as
+def _parquet_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """("row N", {"messages": ..., "tools": ...}) per row. Parquet stores the messages as
     structs of one schema, so a field a message lacks comes back as None (a user turn's
     tool_calls); `_message` reads None as absent."""
     try:
@@ -89,7 +89,7 @@ def _parquet_records(path: Path) -> Iterator[tuple[str, Callable[[], list[dict]]
         )
     columns = [name for name in ("messages", "tools") if name in table.column_names]
     for row, record in enumerate(table.select(columns).to_pylist()):
-        yield f"row {row}", functools.partial(_read_record, record)
+        yield f"row {row}", record
 
 
 def render_conversation(
